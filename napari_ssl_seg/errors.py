@@ -1,0 +1,25 @@
+"""Exceptions raised by napari-ssl-seg.
+
+Each subclasses a builtin too, so callers that catch ``ValueError`` or ``OSError``
+keep working.
+"""
+
+
+class SslSegError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidInputError(SslSegError, ValueError):
+    """An image, a label array or an argument breaks the documented contract."""
+
+
+class ProjectError(SslSegError, ValueError):
+    """A project directory is missing, is not a project, or is damaged."""
+
+
+class SignatureMismatchError(ProjectError):
+    """The image given does not match the image the project was made for."""
+
+
+class UnsupportedFileError(SslSegError, ValueError):
+    """A file whose format we cannot read or write."""
