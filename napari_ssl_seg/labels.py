@@ -1,0 +1,155 @@
+"""The label contract and the checks that enforce it.
+
+Label contract (repeated in every docstring that takes labels): labels are non-negative
+integers; on annotated voxels 0 is background and 1..K-1 are classes. Which voxels are
+annotated is recorded separately (a uint8 mask), so a voxel nobody annotated is never
+taken for background.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from napari_ssl_seg.errors import InvalidInputError
+
+#: dtype of every stored label array (annotations, corrections, pseudo-labels, merged).
+LABEL_DTYPE = np.uint16
+
+
+def check_image(image, *, name: str = "image") -> None:
+    """Check that ``image`` is a finite, numeric 3D volume.
+
+    Parameters
+    ----------
+    image : (Z, Y, X) array-like
+        Any object with ``shape`` and ``dtype``; floating data are scanned for NaN/inf
+        block by block so a lazy array is never read whole.
+    name : str
+        What to call the array in error messages (a file name, say).
+
+    Raises
+    ------
+    InvalidInputError
+        Wrong number of dimensions, an empty axis, a non-numeric dtype, NaN or inf.
+    """
+    shape = tuple(getattr(image, "shape", ()))
+    dtype = np.dtype(getattr(image, "dtype", np.asarray(image).dtype))
+    if len(shape) != 3:
+        raise InvalidInputError(
+            f"{name}: expected a 3D volume (Z, Y, X), got {len(shape)} dimension(s) "
+            f"with shape {shape}"
+        )
+    if min(shape) == 0:
+        raise InvalidInputError(f"{name}: the volume is empty (shape {shape})")
+    if dtype.kind not in "biuf":
+        raise InvalidInputError(f"{name}: expected numeric voxels, got dtype {dtype}")
+    if dtype.kind == "f":
+        step = max(1, 2**24 // max(1, shape[1] * shape[2]))
+        for start in range(0, shape[0], step):
+            block = np.asarray(image[start : start + step])
+            if not np.isfinite(block).all():
+                bad = "NaN" if np.isnan(block).any() else "inf"
+                raise InvalidInputError(
+                    f"{name}: the image holds {bad} values (first in slices "
+                    f"{start}..{min(start + step, shape[0]) - 1}); clean or mask them first"
+                )
+
+
+def check_labels(labels, *, shape: Sequence[int] | None = None, name: str = "labels") -> None:
+    """Check ``labels`` against the label contract.
+
+    Parameters
+    ----------
+    labels : (Z, Y, X) array-like
+        Non-negative integers; 0 = background on annotated voxels, 1..K-1 = classes.
+    shape : sequence of int, optional
+        The image shape the labels must match.
+    name : str
+        What to call the array in error messages.
+
+    Raises
+    ------
+    InvalidInputError
+        Float or non-integer dtype, negative values, a shape that is not ``shape``, or
+        values too large for the stored uint16.
+    """
+    lshape = tuple(getattr(labels, "shape", ()))
+    dtype = np.dtype(getattr(labels, "dtype", np.asarray(labels).dtype))
+    if dtype.kind == "b":
+        return _check_shape(lshape, shape, name)
+    if dtype.kind not in "iu":
+        raise InvalidInputError(
+            f"{name}: labels must be integers (0 = background, 1..K-1 = classes), "
+            f"got dtype {dtype}"
+        )
+    _check_shape(lshape, shape, name)
+    arr = np.asarray(labels)
+    if arr.size and dtype.kind == "i" and arr.min() < 0:
+        raise InvalidInputError(
+            f"{name}: labels must be >= 0, found {int(arr.min())} "
+            "(unannotated voxels are recorded separately, not with negative values)"
+        )
+    if arr.size and arr.max() > np.iinfo(LABEL_DTYPE).max:
+        raise InvalidInputError(
+            f"{name}: label {int(arr.max())} is larger than {np.iinfo(LABEL_DTYPE).max}"
+        )
+
+
+def _check_shape(lshape: tuple, shape: Sequence[int] | None, name: str) -> None:
+    if shape is not None and lshape != tuple(shape):
+        raise InvalidInputError(f"{name}: shape {lshape} does not match the image shape {tuple(shape)}")
+
+
+def labelled_slices(labels: np.ndarray, axis: int = 0) -> list[int]:
+    """Indices along ``axis`` of the slices that hold at least one non-zero label."""
+    other = tuple(a for a in range(labels.ndim) if a != axis)
+    return [int(i) for i in np.flatnonzero(np.asarray(labels).any(axis=other))]
+
+
+def parse_slice_list(text: str, *, length: int, name: str = "slices") -> list[int]:
+    """Parse "3,17,40" or "3-5,9" into sorted unique slice indices in ``[0, length)``."""
+    out: set[int] = set()
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1)
+                out.update(range(int(lo), int(hi) + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise InvalidInputError(
+                f"{name}: {part!r} is not a slice index (expected e.g. '3,17,40' or '3-5')"
+            ) from None
+    bad = sorted(i for i in out if not 0 <= i < length)
+    if bad:
+        raise InvalidInputError(f"{name}: slice(s) {bad} outside 0..{length - 1}")
+    if not out:
+        raise InvalidInputError(f"{name}: no slice given")
+    return sorted(out)
+
+
+def merge_labels(
+    pseudo: np.ndarray | None,
+    annotations: np.ndarray,
+    annotated: np.ndarray,
+    corrections: np.ndarray,
+    corrected: np.ndarray,
+) -> np.ndarray:
+    """Merge a block of labels: corrections > annotations > pseudo-labels.
+
+    All arguments are blocks of the same shape: ``annotated`` is the uint8 mask of
+    annotated voxels, ``corrected`` the uint16 round a voxel was corrected in (0 = never).
+    Where nobody annotated and no round exists yet, the result is 0.
+    """
+    out = (
+        np.zeros(annotations.shape, LABEL_DTYPE)
+        if pseudo is None
+        else np.asarray(pseudo, LABEL_DTYPE).copy()
+    )
+    ann = np.asarray(annotated) > 0
+    out[ann] = np.asarray(annotations)[ann]
+    cor = np.asarray(corrected) > 0
+    out[cor] = np.asarray(corrections)[cor]
+    return out

@@ -1,0 +1,734 @@
+"""The annotation project: one OME-Zarr (NGFF 0.5, Zarr v3) directory per volume.
+
+Layout (``P`` is the project directory)::
+
+    P/zarr.json              attributes.ome: multiscales (NGFF 0.5)
+                             attributes.napari_ssl_seg: schema, signature, axis, ...
+    P/0                      the image (Z, Y, X), chunked one slice thick
+    P/labels/                attributes.ome.labels lists the label images below
+        annotations/0        uint16, what humans painted (0 = background where annotated)
+        corrections/0        uint16, human corrections of pseudo-labels
+        pseudo_rNNN/0        uint16, the model's labels of round NNN (append-only)
+        final/0              uint16, corrections > annotations > latest pseudo-labels
+    P/ssl_seg/               our extras (not NGFF label images)
+        annotated            uint8, 1 where a human annotated the voxel
+        corrected            uint16, round whose pseudo-labels the human corrected (0 = none)
+        confidence_rNNN      float32, max class probability of round NNN
+        edits/NNNNNN.npz     every human edit with provenance (the write-ahead log)
+        edits/NNNNNN.done    marker: that edit is applied to the arrays
+        rounds/rNNN/         record.json (written last: a round exists iff it exists)
+                             checkpoint.pt
+        pretrained/          label-free pretraining checkpoints, reused across rounds
+
+Crash safety: zarr writes every chunk and metadata file atomically (temp file + rename),
+and every human edit is first written whole to ``edits/`` (atomically, fsynced) before
+the arrays are touched. A process killed while applying an edit leaves the edit in the
+log without its ``.done`` marker; the next :meth:`Project.open` replays it. Rounds are
+committed by their ``record.json``, written last. The last saved state is therefore
+always readable and complete.
+
+Label contract: labels are non-negative integers; on annotated voxels 0 is background and
+1..K-1 are classes; which voxels are annotated is recorded in ``ssl_seg/annotated`` so
+that "not annotated" is never taken for background.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from napari_ssl_seg import __version__
+from napari_ssl_seg.errors import ProjectError, SignatureMismatchError
+from napari_ssl_seg.labels import LABEL_DTYPE, check_image, check_labels, merge_labels
+
+SCHEMA_VERSION = 1
+_ATTR = "napari_ssl_seg"
+_EDIT_KINDS = ("annotation", "unannotation", "correction")
+# Largest block (in voxels) read or written at once when streaming whole volumes.
+_SLAB_VOXELS = 2**24
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def chunk_shape(shape: Sequence[int], axis: int) -> tuple[int, ...]:
+    """Chunks one voxel thick along the slice axis, at most 512 wide in the others.
+
+    Slice-wise training and inference read and write whole slices; brush strokes touch
+    one slice, so an edit rewrites only a few chunks.
+    """
+    return tuple(1 if a == axis else min(int(n), 512) for a, n in enumerate(shape))
+
+
+def iter_slabs(shape: Sequence[int], axis: int = 0) -> Iterator[tuple[slice, ...]]:
+    """Slabs along ``axis`` of at most ~16 M voxels, to stream a volume chunk-aligned."""
+    plane = int(np.prod([n for a, n in enumerate(shape) if a != axis]))
+    step = max(1, _SLAB_VOXELS // max(plane, 1))
+    for start in range(0, shape[axis], step):
+        index = [slice(None)] * len(shape)
+        index[axis] = slice(start, min(start + step, shape[axis]))
+        yield tuple(index)
+
+
+def image_signature(image, axis: int = 0) -> str:
+    """SHA-1 of the image's shape, dtype and voxels, read slab by slab."""
+    digest = hashlib.sha1()
+    digest.update(repr((tuple(image.shape), str(np.dtype(image.dtype)))).encode())
+    for index in iter_slabs(image.shape, axis):
+        digest.update(np.ascontiguousarray(image[index]).tobytes())
+    return "sha1:" + digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One human edit, as kept in the project's edit log.
+
+    Attributes
+    ----------
+    id : int
+        Position in the log (1-based, increasing).
+    kind : {"annotation", "unannotation", "correction"}
+    round : int
+        For corrections, the round whose pseudo-labels were corrected; else 0.
+    region : tuple of slice
+        Bounding box of the edit in (Z, Y, X).
+    n_voxels : int
+        Voxels the edit touched.
+    source : str
+        Who made it ("widget", "cli", "api", ...).
+    time : str
+        ISO time it was logged.
+    whole_slices : bool
+        True when the edit marked whole slices (along the project axis) as annotated.
+    """
+
+    id: int
+    kind: str
+    round: int
+    region: tuple[slice, ...]
+    n_voxels: int
+    source: str
+    time: str
+    whole_slices: bool
+
+
+class Project:
+    """An annotation project on disk. Create with :meth:`create`, reopen with :meth:`open`."""
+
+    def __init__(self, path: Path, root: zarr.Group) -> None:
+        self.path = Path(path)
+        self._root = root
+        meta = root.attrs[_ATTR]
+        self.axis: int = int(meta["axis"])
+        self.signature: str = meta["data_signature"]
+        vs = meta.get("voxel_size")
+        self.voxel_size: tuple[float, ...] | None = tuple(vs) if vs else None
+        self.units: str = meta.get("units", "micrometer")
+        self.source: str = meta.get("source", "")
+        self._last_edit_id: int | None = None
+        try:
+            self.image: zarr.Array = root["0"]
+            self.annotations: zarr.Array = root["labels/annotations/0"]
+            self.corrections: zarr.Array = root["labels/corrections/0"]
+            self.final: zarr.Array = root["labels/final/0"]
+            self.annotated: zarr.Array = root["ssl_seg/annotated"]
+            self.corrected: zarr.Array = root["ssl_seg/corrected"]
+        except KeyError as err:
+            raise ProjectError(f"{path}: the project is damaged: missing array {err}") from None
+        for name in ("annotations", "corrections", "final", "annotated", "corrected"):
+            if getattr(self, name).shape != self.image.shape:
+                raise ProjectError(
+                    f"{path}: the project is damaged: {name} has shape "
+                    f"{getattr(self, name).shape}, the image {self.image.shape}"
+                )
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        image,
+        *,
+        axis: int = 0,
+        voxel_size: Sequence[float] | None = None,
+        units: str = "micrometer",
+        source: str = "",
+        overwrite: bool = False,
+    ) -> Project:
+        """Create a project for ``image`` at ``path``.
+
+        Parameters
+        ----------
+        path : path-like
+            Directory to create (conventionally ``*.zarr``).
+        image : (Z, Y, X) array-like
+            Any numeric array with ``shape``/``dtype``/slicing (numpy, zarr, dask, a
+            tifffile or nibabel proxy). It is copied chunk by chunk, never read whole.
+        axis : int
+            The slice axis along which annotators label and 2D models train.
+        voxel_size : sequence of 3 floats, optional
+            Physical size of a voxel along (Z, Y, X) in ``units``.
+        overwrite : bool
+            Replace an existing directory at ``path``.
+
+        Raises
+        ------
+        InvalidInputError
+            The image is not a finite numeric 3D volume, or ``axis``/``voxel_size`` are off.
+        ProjectError
+            ``path`` exists and ``overwrite`` is False.
+        """
+        path = Path(path)
+        check_image(image, name=source or "image")
+        shape = tuple(int(n) for n in image.shape)
+        if axis not in (0, 1, 2):
+            raise ProjectError(f"axis must be 0, 1 or 2, got {axis!r}")
+        if voxel_size is not None:
+            voxel_size = tuple(float(v) for v in voxel_size)
+            if len(voxel_size) != 3 or not all(np.isfinite(voxel_size)) or min(voxel_size) <= 0:
+                raise ProjectError(f"voxel_size must be 3 positive numbers, got {voxel_size}")
+        if path.exists():
+            if not overwrite:
+                raise ProjectError(f"{path} already exists; pass overwrite=True to replace it")
+            shutil.rmtree(path)
+        # Build beside the target and rename at the end: a crash leaves no half project.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        root = zarr.open_group(tmp, mode="w", zarr_format=3)
+        chunks = chunk_shape(shape, axis)
+        img = root.create_array("0", shape=shape, dtype=image.dtype, chunks=chunks)
+        digest = hashlib.sha1(repr((shape, str(np.dtype(image.dtype)))).encode())
+        for index in iter_slabs(shape, axis):
+            block = np.ascontiguousarray(image[index])
+            img[index] = block
+            digest.update(block.tobytes())
+        labels = root.create_group("labels")
+        for name in ("annotations", "corrections", "final"):
+            _create_label_image(labels, name, shape, chunks, voxel_size, units)
+        extras = root.create_group("ssl_seg")
+        for name, dtype in (("annotated", np.uint8), ("corrected", np.uint16)):
+            extras.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=0)
+        labels.attrs["ome"] = {"version": "0.5", "labels": ["annotations", "corrections", "final"]}
+        root.attrs["ome"] = _multiscales("image", voxel_size, units)
+        root.attrs[_ATTR] = {
+            "schema_version": SCHEMA_VERSION,
+            "data_signature": "sha1:" + digest.hexdigest(),
+            "axis": axis,
+            "voxel_size": list(voxel_size) if voxel_size else None,
+            "units": units,
+            "source": str(source),
+            "created": _now(),
+            "created_by": f"napari-ssl-seg {__version__}",
+        }
+        os.replace(tmp, path)
+        return cls.open(path, verify=False)
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike, *, image=None, verify: bool | None = None, recover: bool = True
+    ) -> Project:
+        """Open the project at ``path``.
+
+        Parameters
+        ----------
+        image : (Z, Y, X) array-like, optional
+            If given, its signature must equal the project's (so labels cannot attach to
+            the wrong volume).
+        verify : bool, optional
+            Re-hash the stored image and compare with the signature. Default: only for
+            volumes under 1 GiB.
+        recover : bool
+            Replay human edits that a crash left unapplied. Readers in other processes
+            (a training child) pass False so that only the owner writes.
+
+        Raises
+        ------
+        ProjectError
+            Missing directory, not a project, damaged or from a newer schema.
+        SignatureMismatchError
+            ``image`` (or the stored image, when verifying) does not match the signature.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise ProjectError(f"{path}: no such project directory")
+        if not (path / "zarr.json").is_file():
+            raise ProjectError(f"{path} is not a napari-ssl-seg project (no zarr.json)")
+        try:
+            root = zarr.open_group(path, mode="r+", zarr_format=3)
+            meta = root.attrs.get(_ATTR)
+        except Exception as err:  # zarr raises several types for unreadable metadata
+            raise ProjectError(f"{path}: cannot read the project metadata: {err}") from None
+        if not isinstance(meta, dict) or "data_signature" not in meta:
+            raise ProjectError(f"{path} is a Zarr group but not a napari-ssl-seg project")
+        version = int(meta.get("schema_version", 0))
+        if version > SCHEMA_VERSION:
+            raise ProjectError(
+                f"{path}: project schema {version} is newer than this napari-ssl-seg "
+                f"understands ({SCHEMA_VERSION}); upgrade napari-ssl-seg"
+            )
+        project = cls(path, root)
+        if verify is None:
+            verify = project.image.nbytes < 2**30
+        if verify and image_signature(project.image, project.axis) != project.signature:
+            raise ProjectError(f"{path}: the stored image does not match its signature (damaged)")
+        if image is not None:
+            given = image_signature(image, project.axis)
+            if given != project.signature:
+                raise SignatureMismatchError(
+                    f"{path}: this project belongs to another image "
+                    f"(signature {project.signature}, the image given has {given})"
+                )
+        if recover:
+            project._replay_pending_edits()
+        return project
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.image.shape)
+
+    @property
+    def n_slices(self) -> int:
+        return self.shape[self.axis]
+
+    def slice_index(self, i: int) -> tuple[slice | int, ...]:
+        """Index that selects slice ``i`` along the project axis."""
+        index: list[slice | int] = [slice(None)] * 3
+        index[self.axis] = i
+        return tuple(index)
+
+    def annotated_slices(self) -> list[int]:
+        """Slices (along the project axis) holding at least one annotated voxel."""
+        return _nonzero_slices(self.annotated, self.axis)
+
+    def corrected_slices(self) -> list[int]:
+        """Slices holding at least one human-corrected voxel."""
+        return _nonzero_slices(self.corrected, self.axis)
+
+    def human_mask(self, index=...) -> np.ndarray:
+        """Boolean mask of voxels a human annotated or corrected (the sacred ones)."""
+        return (np.asarray(self.annotated[index]) > 0) | (np.asarray(self.corrected[index]) > 0)
+
+    def human_labels(self, index=...) -> tuple[np.ndarray, np.ndarray]:
+        """``(labels, mask)`` of human-known voxels: corrections win over annotations."""
+        ann = np.asarray(self.annotated[index]) > 0
+        cor = np.asarray(self.corrected[index]) > 0
+        labels = np.where(cor, self.corrections[index], np.where(ann, self.annotations[index], 0))
+        return labels.astype(LABEL_DTYPE), ann | cor
+
+    # ---------------------------------------------------------------------- edits
+    def apply_edit(
+        self,
+        kind: str,
+        region: Sequence[slice],
+        values: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+        *,
+        round: int = 0,
+        source: str = "api",
+        whole_slices: bool = False,
+    ) -> Edit:
+        """Log and apply one human edit.
+
+        Parameters
+        ----------
+        kind : {"annotation", "unannotation", "correction"}
+            "annotation" writes human labels; "unannotation" forgets them (the voxels go
+            back to "not annotated"); "correction" records corrections of round ``round``.
+        region : tuple of 3 slices
+            Bounding box (with explicit start/stop) of the edit in (Z, Y, X).
+        values : integer ndarray, shape of ``region``
+            New labels (label contract: 0 = background, 1..K-1 = classes). Not used by
+            "unannotation".
+        mask : bool ndarray, shape of ``region``, optional
+            Which voxels of the box the edit touches (default: all).
+        round : int
+            For "correction": the round whose pseudo-labels are corrected (>= 1).
+        whole_slices : bool
+            For "annotation": every slice the edit touches becomes fully annotated (the
+            rest of the slice is background) - what painting a slice means.
+
+        Returns
+        -------
+        Edit
+            The logged record. The edit is on disk before any array is touched.
+        """
+        if kind not in _EDIT_KINDS:
+            raise ValueError(f"kind must be one of {_EDIT_KINDS}, got {kind!r}")
+        region = self._check_region(region)
+        box = tuple(s.stop - s.start for s in region)
+        if kind == "unannotation":
+            values = np.zeros(box, LABEL_DTYPE)
+        elif values is None:
+            raise ValueError(f"a {kind!r} edit needs values")
+        values = np.asarray(values)
+        check_labels(values, shape=box, name=f"{kind} values")
+        mask = np.ones(box, bool) if mask is None else np.asarray(mask, bool)
+        if mask.shape != box:
+            raise ValueError(f"mask shape {mask.shape} does not match the region {box}")
+        if kind == "correction" and round < 1:
+            raise ValueError(f"a correction needs the round it corrects (>= 1), got {round}")
+        edit_id = self._next_edit_id()
+        record = {
+            "id": edit_id,
+            "kind": kind,
+            "round": int(round),
+            "source": source,
+            "time": _now(),
+            "whole_slices": bool(whole_slices),
+            "start": [s.start for s in region],
+            "stop": [s.stop for s in region],
+        }
+        buf = _npz_bytes(record, values.astype(LABEL_DTYPE), mask)
+        _atomic_write_bytes(self._edit_path(edit_id, ".npz"), buf)
+        self._apply(record, values.astype(LABEL_DTYPE), mask)
+        _atomic_write_bytes(self._edit_path(edit_id, ".done"), b"")
+        return _edit_from_record(record, int(mask.sum()))
+
+    def annotate_slices(
+        self, labels, slices: Sequence[int], *, source: str = "api"
+    ) -> list[Edit]:
+        """Mark ``slices`` as fully annotated with the labels of a whole volume.
+
+        Parameters
+        ----------
+        labels : (Z, Y, X) integer array-like
+            Label contract: 0 = background, 1..K-1 = classes. Only ``slices`` are read;
+            a slice may hold only background (an annotated empty slice).
+        slices : sequence of int
+            Indices along the project axis.
+        """
+        check_labels(labels, shape=self.shape, name="labels")
+        edits = []
+        for i in slices:
+            region = self._slice_region(int(i))
+            edits.append(
+                self.apply_edit("annotation", region, np.asarray(labels[region]), source=source, whole_slices=True)
+            )
+        return edits
+
+    def correct_slices(
+        self, labels, slices: Sequence[int], *, round: int | None = None, source: str = "api"
+    ) -> list[Edit]:
+        """Record ``slices`` of ``labels`` as human corrections of round ``round``.
+
+        Every voxel of those slices becomes human-verified, as when an annotator accepts
+        a corrected slice. ``round`` defaults to the latest round.
+        """
+        round = self.latest_round if round is None else int(round)
+        if round < 1:
+            raise ProjectError(f"{self.path}: no round to correct yet; train a round first")
+        check_labels(labels, shape=self.shape, name="labels")
+        return [
+            self.apply_edit("correction", region, np.asarray(labels[region]), round=round, source=source)
+            for region in (self._slice_region(int(i)) for i in slices)
+        ]
+
+    def edits(self) -> list[Edit]:
+        """Every logged human edit, oldest first (the audit trail)."""
+        out = []
+        for p in sorted(self._edits_dir.glob("*.npz")):
+            with np.load(p) as z:
+                record = json.loads(str(z["record"]))
+                out.append(_edit_from_record(record, int(z["mask"].sum())))
+        return out
+
+    @property
+    def revision(self) -> int:
+        """Id of the last applied edit: the human labels a model was trained on."""
+        done = sorted(self._edits_dir.glob("*.done"))
+        return int(done[-1].stem) if done else 0
+
+    # --------------------------------------------------------------------- rounds
+    @property
+    def latest_round(self) -> int:
+        """Number of the newest committed round (0 when none)."""
+        rounds = self.rounds()
+        return rounds[-1]["round"] if rounds else 0
+
+    def rounds(self) -> list[dict]:
+        """Records of every committed round, oldest first."""
+        out = []
+        for p in sorted(self._rounds_dir.glob("r*/record.json")):
+            try:
+                out.append(json.loads(p.read_text()))
+            except (OSError, ValueError) as err:
+                raise ProjectError(f"{p}: unreadable round record: {err}") from None
+        return out
+
+    def round_record(self, r: int) -> dict:
+        path = self._rounds_dir / f"r{r:03d}" / "record.json"
+        if not path.is_file():
+            raise ProjectError(f"{self.path}: no round {r} (rounds: {[x['round'] for x in self.rounds()]})")
+        return json.loads(path.read_text())
+
+    def pseudo_labels(self, r: int | None = None) -> zarr.Array:
+        """The model's labels of round ``r`` (default latest), uint16 (Z, Y, X)."""
+        r = self._resolve_round(r)
+        return self._root[f"labels/pseudo_r{r:03d}/0"]
+
+    def confidence(self, r: int | None = None) -> zarr.Array:
+        """The model's confidence (max class probability) of round ``r``, float32."""
+        r = self._resolve_round(r)
+        return self._root[f"ssl_seg/confidence_r{r:03d}"]
+
+    def checkpoint_path(self, r: int | None = None) -> Path:
+        r = self._resolve_round(r)
+        return self._rounds_dir / f"r{r:03d}" / "checkpoint.pt"
+
+    def begin_round(self) -> RoundWriter:
+        """Start writing the next round's outputs (committed by :meth:`RoundWriter.commit`)."""
+        return RoundWriter(self, self.latest_round + 1)
+
+    def pretrained_path(self, name: str) -> Path:
+        """Where label-free pretraining weights named ``name`` are kept."""
+        return self.path / "ssl_seg" / "pretrained" / f"{name}.pt"
+
+    # ------------------------------------------------------------------ merged view
+    def merged_labels(self, r: int | None = None, index=...) -> np.ndarray:
+        """Corrections > annotations > pseudo-labels of round ``r`` (default latest).
+
+        Returns a uint16 ndarray of ``index`` (default the whole volume). Where nothing is
+        known (no human label, no round) the value is 0.
+        """
+        r = self.latest_round if r is None else int(r)
+        pseudo = self.pseudo_labels(r)[index] if r >= 1 else None
+        return merge_labels(
+            pseudo,
+            self.annotations[index],
+            self.annotated[index],
+            self.corrections[index],
+            self.corrected[index],
+        )
+
+    def refresh_final(self, region: Sequence[slice] | None = None) -> None:
+        """Rewrite ``labels/final`` (the export source) from the merge, slab by slab."""
+        regions = [self._check_region(region)] if region is not None else iter_slabs(self.shape, self.axis)
+        for index in regions:
+            self.final[index] = self.merged_labels(index=index)
+
+    # ------------------------------------------------------------------- internals
+    @property
+    def _edits_dir(self) -> Path:
+        return self.path / "ssl_seg" / "edits"
+
+    @property
+    def _rounds_dir(self) -> Path:
+        return self.path / "ssl_seg" / "rounds"
+
+    def _edit_path(self, edit_id: int, suffix: str) -> Path:
+        return self._edits_dir / f"{edit_id:06d}{suffix}"
+
+    def _next_edit_id(self) -> int:
+        if self._last_edit_id is None:
+            logged = sorted(self._edits_dir.glob("*.npz"))
+            self._last_edit_id = int(logged[-1].stem) if logged else 0
+        self._last_edit_id += 1
+        return self._last_edit_id
+
+    def _resolve_round(self, r: int | None) -> int:
+        r = self.latest_round if r is None else int(r)
+        if r < 1:
+            raise ProjectError(f"{self.path}: no round yet; train one first")
+        return r
+
+    def _slice_region(self, i: int) -> tuple[slice, ...]:
+        if not 0 <= i < self.n_slices:
+            raise ProjectError(f"slice {i} is outside 0..{self.n_slices - 1} along axis {self.axis}")
+        region = [slice(0, n) for n in self.shape]
+        region[self.axis] = slice(i, i + 1)
+        return tuple(region)
+
+    def _check_region(self, region: Sequence[slice]) -> tuple[slice, ...]:
+        region = tuple(region)
+        if len(region) != 3:
+            raise ValueError(f"region must have 3 slices (Z, Y, X), got {len(region)}")
+        out = []
+        for s, n in zip(region, self.shape, strict=True):
+            start, stop, step = s.indices(n)
+            if step != 1 or stop <= start:
+                raise ValueError(f"region {region} is empty or strided inside shape {self.shape}")
+            out.append(slice(start, stop))
+        return tuple(out)
+
+    def _apply(self, record: dict, values: np.ndarray, mask: np.ndarray) -> None:
+        region = tuple(slice(a, b) for a, b in zip(record["start"], record["stop"], strict=True))
+        kind = record["kind"]
+        if kind == "correction":
+            target, marker, mark = self.corrections, self.corrected, record["round"]
+        else:
+            target, marker, mark = self.annotations, self.annotated, int(kind == "annotation")
+        labels = np.asarray(target[region])
+        marks = np.asarray(marker[region])
+        labels[mask] = values[mask]
+        marks[mask] = mark
+        if kind == "annotation" and record.get("whole_slices"):
+            # Painting a slice annotates all of it: what was not painted is background.
+            other = tuple(a for a in range(3) if a != self.axis)
+            rows = mask.any(axis=other)
+            along = [slice(None)] * 3
+            along[self.axis] = rows
+            marks[tuple(along)] = 1
+            if any(region[a] != slice(0, self.shape[a]) for a in other):
+                self._annotate_rest_of_slices(region, rows)
+        target[region] = labels
+        marker[region] = marks
+        self.final[region] = self.merged_labels(index=region)
+
+    def _annotate_rest_of_slices(self, region: tuple[slice, ...], rows: np.ndarray) -> None:
+        """Mark the parts of touched slices outside ``region`` as annotated background."""
+        start = region[self.axis].start
+        for offset in np.flatnonzero(rows):
+            full = self._slice_region(start + int(offset))
+            self.annotated[full] = 1
+            # Voxels of the slice that were not annotated before are background now.
+            self.final[full] = self.merged_labels(index=full)
+
+    def _replay_pending_edits(self) -> None:
+        for p in sorted(self._edits_dir.glob("*.npz")):
+            if p.with_suffix(".done").exists():
+                continue
+            try:
+                with np.load(p) as z:
+                    record = json.loads(str(z["record"]))
+                    values, mask = z["values"], z["mask"]
+            except Exception:
+                # Never completed its atomic write: the arrays were never touched.
+                p.unlink(missing_ok=True)
+                continue
+            self._apply(record, values, mask)
+            _atomic_write_bytes(p.with_suffix(".done"), b"")
+
+
+class RoundWriter:
+    """Writes one round's pseudo-labels and confidence; :meth:`commit` makes it exist.
+
+    Until committed, the round is invisible: a crash leaves arrays that the next
+    :meth:`Project.begin_round` replaces.
+    """
+
+    def __init__(self, project: Project, round: int) -> None:
+        self.project = project
+        self.round = round
+        root = project._root
+        shape, chunks = project.shape, tuple(project.image.chunks)
+        labels = root["labels"]
+        name = f"pseudo_r{round:03d}"
+        if name in labels:
+            del labels[name]
+        self.pseudo = _create_label_image(
+            labels, name, shape, chunks, project.voxel_size, project.units
+        )
+        extras = root["ssl_seg"]
+        if f"confidence_r{round:03d}" in extras:
+            del extras[f"confidence_r{round:03d}"]
+        self.confidence = extras.create_array(
+            f"confidence_r{round:03d}", shape=shape, dtype=np.float32, chunks=chunks, fill_value=0.0
+        )
+        self.directory = project._rounds_dir / f"r{round:03d}"
+        if self.directory.exists():
+            shutil.rmtree(self.directory)
+        self.directory.mkdir(parents=True)
+
+    def write(self, index, labels: np.ndarray, confidence: np.ndarray) -> None:
+        """Write a block of pseudo-labels (uint16) and confidence (float32) at ``index``."""
+        self.pseudo[index] = labels.astype(LABEL_DTYPE, copy=False)
+        self.confidence[index] = confidence.astype(np.float32, copy=False)
+
+    def commit(self, record: dict, checkpoint: bytes) -> dict:
+        """Save the checkpoint and the round's record; returns the record as saved."""
+        _atomic_write_bytes(self.directory / "checkpoint.pt", checkpoint)
+        record = dict(record)
+        record.update(
+            round=self.round,
+            checkpoint="checkpoint.pt",
+            checkpoint_sha256=hashlib.sha256(checkpoint).hexdigest(),
+            pseudo_labels=f"labels/pseudo_r{self.round:03d}",
+            confidence=f"ssl_seg/confidence_r{self.round:03d}",
+        )
+        labels = self.project._root["labels"]
+        ome = dict(labels.attrs["ome"])
+        name = f"pseudo_r{self.round:03d}"
+        if name not in ome["labels"]:
+            ome["labels"] = list(ome["labels"]) + [name]
+            labels.attrs["ome"] = ome
+        _atomic_write_bytes(self.directory / "record.json", json.dumps(record, indent=1).encode())
+        return record
+
+
+# ---------------------------------------------------------------------- helpers
+def _multiscales(name: str, voxel_size, units: str) -> dict:
+    scale = list(voxel_size) if voxel_size else [1.0, 1.0, 1.0]
+    axes = [{"name": a, "type": "space", "unit": units} for a in "zyx"]
+    return {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "name": name,
+                "axes": axes,
+                "datasets": [
+                    {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+                ],
+            }
+        ],
+    }
+
+
+def _create_label_image(parent, name, shape, chunks, voxel_size, units) -> zarr.Array:
+    group = parent.create_group(name, overwrite=True)
+    ome = _multiscales(name, voxel_size, units)
+    ome["image-label"] = {"version": "0.5", "source": {"image": "../../"}}
+    group.attrs["ome"] = ome
+    return group.create_array("0", shape=shape, dtype=LABEL_DTYPE, chunks=chunks, fill_value=0)
+
+
+def _nonzero_slices(array: zarr.Array, axis: int) -> list[int]:
+    found: list[int] = []
+    for index in iter_slabs(array.shape, axis):
+        block = np.asarray(array[index])
+        other = tuple(a for a in range(3) if a != axis)
+        found.extend(int(i) + index[axis].start for i in np.flatnonzero(block.any(axis=other)))
+    return found
+
+
+def _npz_bytes(record: dict, values: np.ndarray, mask: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, record=np.array(json.dumps(record)), values=values, mask=mask)
+    return buf.getvalue()
+
+
+def _edit_from_record(record: dict, n_voxels: int) -> Edit:
+    return Edit(
+        id=int(record["id"]),
+        kind=record["kind"],
+        round=int(record["round"]),
+        region=tuple(slice(a, b) for a, b in zip(record["start"], record["stop"], strict=True)),
+        n_voxels=n_voxels,
+        source=record["source"],
+        time=record["time"],
+        whole_slices=bool(record.get("whole_slices")),
+    )
