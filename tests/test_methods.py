@@ -1,0 +1,191 @@
+"""Contract tests run against every registered method (the diffusion teacher has its own)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from napari_ssl_seg.losses import sigmoid_rampup
+from napari_ssl_seg.methods import Batch, NetworkConfig, get_method, method_names
+
+torch.set_num_threads(1)
+
+NET = NetworkConfig(features=(8, 8, 16, 16, 32, 8))
+TOTAL = 100
+METHODS = [name for name in method_names() if name != "diffusion"]
+SSL_METHODS = [name for name in METHODS if name != "supervised"]
+TEACHER_METHODS = ["mean-teacher", "ua-mt", "simcvd"]
+# (num_classes, spatial shape): binary and multi-class 2D, and one 3D patch.
+CASES = [(2, (32, 32)), (3, (32, 32)), (2, (16, 16, 16))]
+CASE_IDS = ["2d-K2", "2d-K3", "3d-K2"]
+
+
+def make_method(name, *, num_classes=2, spatial_dims=2, **overrides):
+    cls = get_method(name)
+    torch.manual_seed(0)
+    return cls(
+        in_channels=1,
+        num_classes=num_classes,
+        spatial_dims=spatial_dims,
+        total_iterations=TOTAL,
+        network=NET,
+        settings=cls.make_settings(overrides),
+    )
+
+
+def make_batches(num_classes=2, shape=(32, 32), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn((2, 1, *shape), generator=g)
+    target = torch.randint(0, num_classes, (2, *shape), generator=g)
+    weight = (torch.rand((2, *shape), generator=g) > 0.3).float()
+    return Batch(image, target, weight), Batch(torch.randn((2, 1, *shape), generator=g))
+
+
+def seeded_loss(method, labelled, unlabelled, step, seed=1):
+    torch.manual_seed(seed)  # teacher noise, dropout and voxel sampling repeat exactly
+    return method.training_loss(labelled, unlabelled, step)
+
+
+@pytest.mark.parametrize(("num_classes", "shape"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("name", METHODS)
+def test_loss_gradients_and_predict(name, num_classes, shape):
+    method = make_method(name, num_classes=num_classes, spatial_dims=len(shape))
+    method.train()
+    labelled, unlabelled = make_batches(num_classes, shape)
+    loss, parts = method.training_loss(labelled, unlabelled, TOTAL - 1)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert "supervised" in parts and all(isinstance(v, float) for v in parts.values())
+    loss.backward()
+
+    trainable = {n: p for n, p in method.named_parameters() if p.requires_grad}
+    missing = [n for n, p in trainable.items() if p.grad is None]
+    assert not missing, f"no gradient for {missing[:5]}"
+    groups = {n for n, _ in method.named_children()}
+    groups |= {n for n, _ in method.named_modules() if n.endswith(("head", "projection"))}
+    for group in groups:
+        grads = [p.grad for n, p in trainable.items() if n.startswith(group + ".")]
+        if grads:  # teachers have no trainable parameters
+            assert sum(g.abs().sum() for g in grads) > 0, f"{group} gets no gradient"
+    if hasattr(method, "teacher"):
+        assert all(p.grad is None for p in method.teacher.parameters())
+
+    probs = method.predict(labelled.image)
+    assert probs.shape == (2, num_classes, *shape)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2, *shape))
+    assert method.training, "predict must restore training mode"
+    torch.testing.assert_close(method.predict(labelled.image), probs)  # eval: deterministic
+
+
+def test_sigmoid_rampup():
+    assert sigmoid_rampup(0, 50) == pytest.approx(math.exp(-5))
+    assert sigmoid_rampup(50, 50) == 1.0 and sigmoid_rampup(80, 50) == 1.0
+    values = [sigmoid_rampup(s, 50) for s in range(0, 60, 5)]
+    assert values == sorted(values)
+
+
+@pytest.mark.parametrize("name", SSL_METHODS)
+def test_consistency_ramps_up(name):
+    method = make_method(name)
+    assert method.ramp_weight(0) < 0.01
+    assert method.ramp_weight(TOTAL - 1) == pytest.approx(1.0)
+    labelled, unlabelled = make_batches()
+    _, early = seeded_loss(method, labelled, unlabelled, 0)
+    _, late = seeded_loss(method, labelled, unlabelled, TOTAL - 1)
+    assert early["consistency"] < 1e-2
+    assert late["consistency"] > 0
+    if name in TEACHER_METHODS:  # warm-up: exactly zero
+        assert early["consistency"] == 0.0
+
+
+def test_ema_teacher_moves_toward_student():
+    method = make_method("mean-teacher")
+    method.after_step(0)  # decay 0 at step 0: the teacher becomes the student
+
+    def distance():
+        pairs = zip(method.teacher.parameters(), method.student.parameters(), strict=True)
+        return sum((t - s).abs().sum().item() for t, s in pairs)
+
+    assert distance() == 0.0
+    with torch.no_grad():
+        for p in method.student.parameters():
+            p.add_(0.1)
+    before = distance()
+    method.after_step(20)  # decay min(1 - 1/21, 0.99): the teacher moves 1/21 of the way
+    assert distance() == pytest.approx(before * 20 / 21, rel=1e-3)
+    method.after_step(500)  # later the configured decay applies
+    assert distance() == pytest.approx(before * 20 / 21 * method.settings.ema_decay, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_unannotated_voxels_are_ignored(name):
+    method = make_method(name, num_classes=3)
+    labelled, unlabelled = make_batches(3)
+    changed = labelled.target.clone()
+    unannotated = labelled.weight == 0
+    changed[unannotated] = (changed[unannotated] + 1) % 3
+    other = Batch(labelled.image, changed, labelled.weight)
+    loss_a, parts_a = seeded_loss(method, labelled, unlabelled, TOTAL - 1)
+    loss_b, parts_b = seeded_loss(method, other, unlabelled, TOTAL - 1)
+    assert parts_a == pytest.approx(parts_b)
+    torch.testing.assert_close(loss_a, loss_b)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_no_annotated_voxel_gives_finite_loss(name):
+    method = make_method(name)
+    labelled, unlabelled = make_batches()
+    empty = Batch(labelled.image, labelled.target, torch.zeros_like(labelled.weight))
+    loss, _ = method.training_loss(empty, unlabelled, TOTAL - 1)
+    assert torch.isfinite(loss)
+    loss.backward()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_unknown_setting_is_rejected(name):
+    with pytest.raises(ValueError, match="bogus"):
+        get_method(name).make_settings({"bogus": 1})
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="'dtc'"):
+        get_method("dtcc")
+    method = make_method("supervised")
+    with pytest.raises(ValueError, match=r"C = 1, got shape \(2, 3, 32, 32\)"):
+        method.predict(torch.zeros(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="got shape"):
+        method.predict(torch.zeros(2, 1, 8, 32, 32))
+    labelled, unlabelled = make_batches()
+    with pytest.raises(ValueError, match="target and weight"):
+        method.training_loss(Batch(labelled.image), unlabelled, 0)
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        get_method("mean-teacher").make_settings({"ema_decay": 1.5})
+    with pytest.raises(ValueError, match="uncertainty_passes"):
+        get_method("ua-mt").make_settings({"uncertainty_passes": 1})
+
+
+def disk_batches():
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    target = (((yy - 14) ** 2 + (xx - 17) ** 2) < 64).long()
+    image = target.float() + 0.1 * torch.randn(32, 32, generator=torch.Generator().manual_seed(0))
+    labelled = Batch(image[None, None].repeat(2, 1, 1, 1), target[None].repeat(2, 1, 1))
+    labelled.weight = torch.ones(2, 32, 32)
+    unlabelled = Batch(torch.roll(labelled.image, (3, -2), dims=(2, 3)))
+    return labelled, unlabelled
+
+
+@pytest.mark.parametrize("name", ["supervised", "dtc"])
+def test_training_reduces_the_loss(name):
+    method = make_method(name)
+    optimiser = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=1e-2)
+    labelled, unlabelled = disk_batches()
+    history = []
+    for step in range(30):
+        loss, parts = method.training_loss(labelled, unlabelled, step)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        method.after_step(step)
+        history.append(parts["supervised"])
+    assert sum(history[-5:]) < 0.5 * sum(history[:5])
