@@ -1,0 +1,120 @@
+"""Learning curves (Dice on the unannotated slices against wall time) for config choices.
+
+Trains one configuration on the bundled nuclei sample with N annotated slices and prints,
+every ``--eval-every`` iterations, the Dice of the whole-volume prediction on the slices
+no human labelled, with the training seconds so far (evaluation time excluded).
+
+    python benchmarks/tune_defaults.py --method supervised --iterations 400 \
+        --set features=8,16,32,64,128,8 --set norm=instance --noisy
+
+Used to choose TrainConfig's defaults; run several pinned to 2 cores each
+(``taskset -c 0,1``) for laptop-like figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from napari_ssl_seg.config import TrainConfig
+from napari_ssl_seg.data import TwoStreamSampler, load_training_set, normalise, slice_stack
+from napari_ssl_seg.engine import build_method, seed_everything
+from napari_ssl_seg.inference import predict_probabilities, recalibrate_batchnorm
+from napari_ssl_seg.store import Project
+
+
+def load_sample(noisy: bool, seed: int = 0):
+    from napari_ssl_seg import _sample_data as sd
+
+    image, truth, voxel_size = sd.load_nuclei()
+    if noisy:
+        image = sd.noisy_nuclei(seed=seed)
+    return image, truth, voxel_size
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    p, t = pred > 0, truth > 0
+    return float(2 * (p & t).sum() / max(1, p.sum() + t.sum()))
+
+
+def parse_value(text: str):
+    if "," in text:
+        return tuple(int(v) for v in text.split(","))
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="supervised")
+    parser.add_argument("--iterations", type=int, default=400)
+    parser.add_argument("--slices", type=int, default=3, help="annotated slices (evenly spaced)")
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noisy", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-recalibrate", action="store_true")
+    parser.add_argument("--set", action="append", default=[], help="TrainConfig key=value")
+    parser.add_argument("--setting", action="append", default=[], help="method setting key=value")
+    args = parser.parse_args(argv)
+
+    from napari_ssl_seg._sample_data import quickstart_slices
+
+    torch.set_num_threads(args.threads)
+    image, truth, _ = load_sample(args.noisy, args.seed)
+    slices = quickstart_slices(args.slices)
+    values = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
+    settings = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.setting)}
+    config = TrainConfig(method=args.method, iterations=args.iterations, seed=args.seed,
+                         threads=args.threads, settings=settings, **values)
+    seed_everything(config.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        project = Project.create(f"{tmp}/p.zarr", image)
+        project.annotate_slices(truth, slices)
+        data = load_training_set(project, config)
+    method = build_method(config, num_classes=data.num_classes)
+    sampler = TwoStreamSampler(data, config)
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimiser = torch.optim.Adam(params, lr=config.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.PolynomialLR(optimiser, config.iterations, power=0.9)
+    unannotated = [i for i in range(truth.shape[0]) if i not in slices]
+    x_all = torch.from_numpy(slice_stack(data.image, np.arange(truth.shape[0]), config.mode))
+    curve = []
+    train_seconds = 0.0
+    for step in range(config.iterations):
+        t0 = time.perf_counter()
+        method.train()
+        loss, _ = method.training_loss(sampler.labelled(), sampler.unlabelled(), step)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        method.after_step(step)
+        train_seconds += time.perf_counter() - t0
+        if (step + 1) % args.eval_every == 0 or step + 1 == config.iterations:
+            t1 = time.perf_counter()
+            if not args.no_recalibrate:
+                recalibrate_batchnorm(method, data.image, mode=config.mode, device=torch.device("cpu"))
+            with torch.no_grad():
+                probs = torch.cat([predict_probabilities(method, x_all[i : i + 8])
+                                   for i in range(0, len(x_all), 8)])
+            pred = probs.argmax(1).numpy()
+            predict_seconds = time.perf_counter() - t1
+            d = dice(pred[unannotated], truth[unannotated])
+            curve.append({"iteration": step + 1, "train_s": round(train_seconds, 1),
+                          "predict_s": round(predict_seconds, 1), "dice": round(d, 4)})
+            print(json.dumps({"tag": args.set + args.setting, "method": args.method,
+                              "noisy": args.noisy, **curve[-1]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Settings of one training round, with the reason for each default.
+
+Defaults are scaled for an interactive round of about a minute on a 2-core laptop CPU;
+the papers' values (SSL4MIS / DTC protocol) are noted beside them. The whole config is
+saved in every checkpoint and round record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from napari_ssl_seg.errors import InvalidInputError
+
+MODES = ("2d", "2.5d", "3d")
+INITS = ("previous", "scratch")
+#: Budget presets the widget offers (iterations of the default method).
+PRESETS = {"quick": 150, "balanced": 400, "thorough": 1200}
+
+
+@dataclass
+class TrainConfig:
+    """One round of semi-supervised training.
+
+    Attributes
+    ----------
+    method : str
+        Registered method name (``napari-ssl-seg methods`` lists them).
+    iterations : int
+        Optimiser steps (papers: 6000 for LA 3D, 30000 for ACDC 2D).
+    seed : int
+        Seeds torch, numpy and the augmentations; CPU runs are then deterministic.
+    device : str
+        "auto" picks CUDA, then MPS, then the CPU; or "cpu", "cuda", "cuda:1", "mps".
+    threads : int
+        torch CPU threads (0 = every core).
+    mode : {"2d", "2.5d", "3d"}
+        2D slices along the project axis (fast on a CPU), 2.5D (neighbour slices as
+        channels) or 3D patches.
+    patch_size : int
+        Side of the random square crops in 2D/2.5D (cube side in 3D is ``patch_size // 2``).
+    labelled_batch, unlabelled_batch : int
+        Two-stream batch (papers: 12 + 12 in 2D, 2 + 2 in 3D).
+    lr : float
+        Adam learning rate with polynomial decay (papers: SGD 0.01, momentum 0.9).
+    features : tuple of 6 ints
+        MONAI BasicUNet widths (SSL4MIS UNet: 16..256).
+    norm : str
+        "batch" (see NetworkConfig: instance norm paints empty slices).
+    dropout : float
+        Dropout in the UNet blocks.
+    init : {"previous", "scratch"}
+        Start round r+1 from round r's weights (faster, the default) or from scratch.
+    pseudo_threshold : float
+        Round r+1 learns from round r's pseudo-labels where its confidence (max class
+        probability) is at least this; human voxels always win.
+    pseudo_weight : float
+        Loss weight of those pseudo-labelled voxels (human voxels weigh 1).
+    human_fraction : float
+        Share of the labelled stream drawn from human-labelled slices once pseudo-labels
+        exist (the rest from pseudo-labelled slices).
+    settings : dict
+        The method's own settings (``napari-ssl-seg methods`` lists them and defaults).
+    """
+
+    method: str = "dtc"
+    iterations: int = 200
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    mode: str = "2d"
+    patch_size: int = 128
+    labelled_batch: int = 4
+    unlabelled_batch: int = 2
+    lr: float = 3e-3
+    features: tuple[int, ...] = (16, 32, 64, 128, 256, 16)
+    norm: str = "batch"
+    dropout: float = 0.0
+    init: str = "previous"
+    pseudo_threshold: float = 0.9
+    pseudo_weight: float = 0.5
+    human_fraction: float = 0.5
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.features = tuple(int(f) for f in self.features)
+        checks = [
+            (self.iterations >= 1, "iterations", "an integer >= 1"),
+            (self.mode in MODES, "mode", f"one of {MODES}"),
+            (self.init in INITS, "init", f"one of {INITS}"),
+            (self.patch_size >= 16, "patch_size", "an integer >= 16"),
+            (self.labelled_batch >= 1, "labelled_batch", ">= 1"),
+            (self.unlabelled_batch >= 0, "unlabelled_batch", ">= 0"),
+            (self.lr > 0, "lr", "> 0"),
+            (len(self.features) == 6, "features", "6 integers"),
+            (0.0 <= self.pseudo_threshold <= 1.0, "pseudo_threshold", "in [0, 1]"),
+            (self.pseudo_weight >= 0, "pseudo_weight", ">= 0"),
+            (0.0 < self.human_fraction <= 1.0, "human_fraction", "in (0, 1]"),
+            (self.threads >= 0, "threads", ">= 0"),
+        ]
+        for ok, name, allowed in checks:
+            if not ok:
+                raise InvalidInputError(f"TrainConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a plain dict, rejecting unknown keys by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InvalidInputError(f"unknown TrainConfig key(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["features"] = list(self.features)
+        return out

@@ -1,0 +1,281 @@
+"""One round of semi-supervised training, as a generator of progress reports.
+
+``train_round`` is the single training loop: the CLI prints what it yields, the widget
+relays it from a child process. Reading it top to bottom gives the whole round:
+
+1. read the human labels (and the previous round's confident pseudo-labels);
+2. build the method, optionally from the previous round's weights;
+3. label-free pretraining if the method wants it and the project has none cached;
+4. ``iterations`` optimiser steps on two-stream batches;
+5. predict the whole volume into a new round, rank slices, commit the round.
+
+Stopping (``should_stop`` returns True) ends training at the next iteration, keeps the
+weights and still writes the round, so the work done is never lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import platform
+import random
+import time
+from collections.abc import Callable, Generator
+from typing import Any
+
+import numpy as np
+import torch
+
+from napari_ssl_seg import __version__
+from napari_ssl_seg.config import TrainConfig
+from napari_ssl_seg.data import TwoStreamSampler, in_channels, load_training_set
+from napari_ssl_seg.inference import predict_into_round, rank_slices, recalibrate_batchnorm
+from napari_ssl_seg.methods import NetworkConfig, SSLMethod, get_method
+from napari_ssl_seg.store import Project
+
+Progress = dict[str, Any]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """CUDA, then MPS, then CPU for "auto"; otherwise the device named."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_method(config: TrainConfig, *, num_classes: int) -> SSLMethod:
+    """Instantiate ``config.method`` with the backbone and method settings of ``config``."""
+    cls = get_method(config.method)
+    return cls(
+        in_channels=in_channels(config.mode),
+        num_classes=num_classes,
+        spatial_dims=3 if config.mode == "3d" else 2,
+        total_iterations=config.iterations,
+        network=NetworkConfig(features=config.features, norm=config.norm, dropout=config.dropout),
+        settings=cls.make_settings(config.settings),
+    )
+
+
+def checkpoint_bytes(method: SSLMethod, config: TrainConfig, extra: dict[str, Any]) -> bytes:
+    """A plain-dict checkpoint (weights, config, provenance), loadable with weights_only."""
+    payload = {
+        "weights": method.state_dict(),
+        "config": config.to_dict(),
+        "method": config.method,
+        "num_classes": method.num_classes,
+        "version": __version__,
+        **extra,
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
+def load_checkpoint(path: os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint without executing any code stored in it."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_method(project: Project, r: int | None = None) -> tuple[SSLMethod, dict[str, Any]]:
+    """The trained method of round ``r`` (default latest) and its checkpoint dict."""
+    ckpt = load_checkpoint(project.checkpoint_path(r))
+    config = TrainConfig.from_dict(ckpt["config"])
+    method = build_method(config, num_classes=int(ckpt["num_classes"]))
+    method.load_state_dict(ckpt["weights"])
+    return method, ckpt
+
+
+def train_round(
+    project: Project,
+    config: TrainConfig,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+) -> Generator[Progress, None, dict]:
+    """Train one round and write it into ``project``; yields progress dicts.
+
+    Parameters
+    ----------
+    project : Project
+        Must hold at least one annotated slice (label contract: 0 = background on
+        annotated voxels, 1..K-1 = classes; unannotated voxels are ignored).
+    config : TrainConfig
+    should_stop : callable, optional
+        Polled every iteration; True stops training early and keeps the weights.
+
+    Yields
+    ------
+    dict
+        ``phase`` ("load", "pretrain", "train", "predict", "done"), ``iteration``,
+        ``total``, ``elapsed`` and ``remaining`` seconds, and ``losses`` while training.
+
+    Returns
+    -------
+    dict
+        The committed round record (also in ``project.rounds()``).
+    """
+    started = time.time()
+    started_iso = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    stop = should_stop or (lambda: False)
+    seed_everything(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = pick_device(config.device)
+    revision = project.revision
+    previous = project.latest_round
+    yield {"phase": "load", "iteration": 0, "total": config.iterations, "elapsed": 0.0}
+
+    data = load_training_set(project, config)
+    method = build_method(config, num_classes=data.num_classes)
+    initialised_from = "scratch"
+    if config.init == "previous" and previous >= 1:
+        ckpt = load_checkpoint(project.checkpoint_path(previous))
+        if ckpt["method"] == config.method and int(ckpt["num_classes"]) == data.num_classes:
+            if TrainConfig.from_dict(ckpt["config"]).features == config.features:
+                method.load_state_dict(ckpt["weights"])
+                initialised_from = f"round {previous}"
+    method.to(device)
+    sampler = TwoStreamSampler(data, config)
+
+    yield from _pretrain(project, method, sampler, config, device, stop, started)
+
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimiser = torch.optim.Adam(params, lr=config.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.PolynomialLR(optimiser, config.iterations, power=0.9)
+    train_started = time.time()
+    losses: dict[str, float] = {}
+    done = 0
+    for step in range(config.iterations):
+        if stop():
+            break
+        method.train()
+        labelled = sampler.labelled().to(device)
+        unlabelled = sampler.unlabelled().to(device)
+        loss, losses = method.training_loss(labelled, unlabelled, step)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        method.after_step(step)
+        done = step + 1
+        elapsed = time.time() - train_started
+        yield {
+            "phase": "train",
+            "iteration": done,
+            "total": config.iterations,
+            "losses": {"loss": float(loss.detach()), **losses},
+            "elapsed": time.time() - started,
+            "remaining": elapsed / done * (config.iterations - done),
+        }
+    trained_seconds = time.time() - train_started
+
+    recalibrate_batchnorm(method, data.image, mode=config.mode, device=device, seed=config.seed)
+    writer = project.begin_round()
+    scores = yield from predict_into_round(
+        project, method, writer, norm=data.norm, mode=config.mode, device=device
+    )
+    ckpt = checkpoint_bytes(
+        method,
+        config,
+        {"round": writer.round, "revision": revision, "norm": list(data.norm)},
+    )
+    record = {
+        "method": config.method,
+        "config": config.to_dict(),
+        "seed": config.seed,
+        "started": started_iso,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.time() - started, 2),
+        "train_seconds": round(trained_seconds, 2),
+        "iterations_done": done,
+        "stopped_early": done < config.iterations,
+        "initialised_from": initialised_from,
+        "pseudo_labels_from_round": previous if config.pseudo_weight > 0 else 0,
+        "revision": revision,
+        "num_classes": data.num_classes,
+        "human_slices": data.human_slices,
+        "metrics": {"final_losses": losses},
+        "uncertain_slices": rank_slices(scores),
+        "device": str(device),
+        "host": platform.node(),
+        "version": __version__,
+        "norm": list(data.norm),
+    }
+    record = writer.commit(record, ckpt)
+    project.refresh_final()
+    yield {
+        "phase": "done",
+        "iteration": done,
+        "total": config.iterations,
+        "elapsed": time.time() - started,
+        "round": writer.round,
+    }
+    return record
+
+
+def _pretrain(project, method, sampler, config, device, stop, started) -> Generator[Progress, None, None]:
+    """Label-free pretraining (diffusion stage 1), cached in the project by data + settings."""
+    n = method.pretrain_iterations()
+    if n <= 0:
+        return
+    key = hashlib.sha1(
+        repr((project.signature, config.method, config.features, config.mode, sorted(config.settings.items()))).encode()
+    ).hexdigest()[:12]
+    path = project.pretrained_path(f"{config.method}-{key}")
+    if path.is_file():
+        method.load_pretrain_state(load_checkpoint(path)["weights"])
+        return
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimiser = torch.optim.Adam(params, lr=config.lr)
+    for step in range(n):
+        if stop():
+            return
+        method.train()
+        loss, parts = method.pretrain_loss(sampler.unlabelled().to(device), step)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        yield {
+            "phase": "pretrain",
+            "iteration": step + 1,
+            "total": n,
+            "losses": {"loss": float(loss.detach()), **parts},
+            "elapsed": time.time() - started,
+        }
+    buf = io.BytesIO()
+    torch.save({"weights": method.pretrain_state(), "iterations": n, "version": __version__}, buf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def run_round(
+    project: Project,
+    config: TrainConfig,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict:
+    """Run :func:`train_round` to the end, passing each report to ``progress``."""
+    gen = train_round(project, config, should_stop=should_stop)
+    while True:
+        try:
+            report = next(gen)
+        except StopIteration as finished:
+            return finished.value
+        if progress is not None:
+            progress(report)
