@@ -104,6 +104,7 @@ def train_round(
     config: TrainConfig,
     *,
     should_stop: Callable[[], bool] | None = None,
+    refresh_final: bool = True,
 ) -> Generator[Progress, None, dict]:
     """Train one round and write it into ``project``; yields progress dicts.
 
@@ -115,6 +116,10 @@ def train_round(
     config : TrainConfig
     should_stop : callable, optional
         Polled every iteration; True stops training early and keeps the weights.
+    refresh_final : bool
+        Rewrite the merged ``final`` labels at the end. A training child process passes
+        False: the process that owns the human edits refreshes it, so the two never
+        write the same chunks at once.
 
     Yields
     ------
@@ -184,8 +189,9 @@ def train_round(
 
     recalibrate_batchnorm(method, data.image, mode=config.mode, device=device, seed=config.seed)
     writer = project.begin_round()
-    scores = yield from predict_into_round(
-        project, method, writer, norm=data.norm, mode=config.mode, device=device
+    scores = yield from _with_elapsed(
+        predict_into_round(project, method, writer, norm=data.norm, mode=config.mode, device=device),
+        started,
     )
     ckpt = checkpoint_bytes(
         method,
@@ -215,7 +221,8 @@ def train_round(
         "norm": list(data.norm),
     }
     record = writer.commit(record, ckpt)
-    project.refresh_final()
+    if refresh_final:
+        project.refresh_final()
     yield {
         "phase": "done",
         "iteration": done,
@@ -261,6 +268,16 @@ def _pretrain(project, method, sampler, config, device, stop, started) -> Genera
     tmp = path.with_suffix(".partial")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)
+
+
+def _with_elapsed(gen: Generator[Progress, None, Any], started: float) -> Generator[Progress, None, Any]:
+    """Relay ``gen``'s reports with the round's elapsed time; return its value."""
+    while True:
+        try:
+            report = next(gen)
+        except StopIteration as finished:
+            return finished.value
+        yield {**report, "elapsed": time.time() - started}
 
 
 def run_round(
