@@ -153,7 +153,7 @@ class TwoStreamSampler:
         if spatial == 2:
             size = [min(config.patch_size, n) for n in data.image.shape[1:]]
         else:
-            cube = max(16, config.patch_size // 2)
+            cube = max(32, config.patch_size // 2)
             size = [min(cube, n) for n in data.image.shape]
         pad = [max(16, int(np.ceil(s / 16) * 16)) for s in size]
         keys = ["image", "target", "weight"]
@@ -174,7 +174,7 @@ class TwoStreamSampler:
     def _sample(self, index: int, labelled: bool) -> dict[str, np.ndarray]:
         d = self.data
         if self.mode == "3d":
-            half = max(8, self.config.patch_size // 4)
+            half = max(16, self.config.patch_size // 4)
             lo = max(0, min(index - half, d.image.shape[0] - 2 * half))
             sl = slice(lo, lo + 2 * half)
             item = {"image": d.image[sl][None], "target": d.target[sl][None], "weight": d.weight[sl][None]}

@@ -132,6 +132,7 @@ def train_round(
     dict
         The committed round record (also in ``project.rounds()``).
     """
+    get_method(config.method).make_settings(config.settings)  # bad names fail before any work
     started = time.time()
     started_iso = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     stop = should_stop or (lambda: False)

@@ -34,8 +34,8 @@ def check_image(image, *, name: str = "image") -> None:
     InvalidInputError
         Wrong number of dimensions, an empty axis, a non-numeric dtype, NaN or inf.
     """
-    shape = tuple(getattr(image, "shape", ()))
-    dtype = np.dtype(getattr(image, "dtype", np.asarray(image).dtype))
+    image = _as_array_like(image)
+    shape, dtype = tuple(image.shape), np.dtype(image.dtype)
     if len(shape) != 3:
         raise InvalidInputError(
             f"{name}: expected a 3D volume (Z, Y, X), got {len(shape)} dimension(s) "
@@ -75,8 +75,8 @@ def check_labels(labels, *, shape: Sequence[int] | None = None, name: str = "lab
         Float or non-integer dtype, negative values, a shape that is not ``shape``, or
         values too large for the stored uint16.
     """
-    lshape = tuple(getattr(labels, "shape", ()))
-    dtype = np.dtype(getattr(labels, "dtype", np.asarray(labels).dtype))
+    labels = _as_array_like(labels)
+    lshape, dtype = tuple(labels.shape), np.dtype(labels.dtype)
     if dtype.kind == "b":
         return _check_shape(lshape, shape, name)
     if dtype.kind not in "iu":
@@ -97,6 +97,14 @@ def check_labels(labels, *, shape: Sequence[int] | None = None, name: str = "lab
         )
 
 
+def _as_array_like(obj):
+    # Not ``getattr(obj, "dtype", np.asarray(obj).dtype)``: that default is evaluated
+    # even when ``obj`` has a dtype, which reads a lazy (zarr, dask, tifffile) volume whole.
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        return obj
+    return np.asarray(obj)
+
+
 def _check_shape(lshape: tuple, shape: Sequence[int] | None, name: str) -> None:
     if shape is not None and lshape != tuple(shape):
         raise InvalidInputError(f"{name}: shape {lshape} does not match the image shape {tuple(shape)}")
@@ -111,20 +119,27 @@ def labelled_slices(labels: np.ndarray, axis: int = 0) -> list[int]:
 def parse_slice_list(text: str, *, length: int, name: str = "slices") -> list[int]:
     """Parse "3,17,40" or "3-5,9" into sorted unique slice indices in ``[0, length)``."""
     out: set[int] = set()
+    outside: set[int] = set()
     for part in filter(None, (p.strip() for p in str(text).split(","))):
         try:
             if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                out.update(range(int(lo), int(hi) + 1))
+                lo, hi = (int(x) for x in part.split("-", 1))
             else:
-                out.add(int(part))
+                lo = hi = int(part)
         except ValueError:
             raise InvalidInputError(
                 f"{name}: {part!r} is not a slice index (expected e.g. '3,17,40' or '3-5')"
             ) from None
-    bad = sorted(i for i in out if not 0 <= i < length)
-    if bad:
-        raise InvalidInputError(f"{name}: slice(s) {bad} outside 0..{length - 1}")
+        # Ends checked before expanding, so a typo like '0-10000000000' fails at once.
+        bad = {b for b in (lo, hi) if not 0 <= b < length}
+        if bad:
+            outside |= bad
+            continue
+        if lo > hi:
+            raise InvalidInputError(f"{name}: range {part!r} runs backwards; write '{hi}-{lo}'")
+        out.update(range(lo, hi + 1))
+    if outside:
+        raise InvalidInputError(f"{name}: slice(s) {sorted(outside)} outside 0..{length - 1}")
     if not out:
         raise InvalidInputError(f"{name}: no slice given")
     return sorted(out)

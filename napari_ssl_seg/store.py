@@ -47,7 +47,7 @@ import numpy as np
 import zarr
 
 from napari_ssl_seg import __version__
-from napari_ssl_seg.errors import ProjectError, SignatureMismatchError
+from napari_ssl_seg.errors import InvalidInputError, ProjectError, SignatureMismatchError
 from napari_ssl_seg.labels import LABEL_DTYPE, check_image, check_labels, merge_labels
 
 SCHEMA_VERSION = 1
@@ -91,12 +91,22 @@ def iter_slabs(shape: Sequence[int], axis: int = 0) -> Iterator[tuple[slice, ...
         yield tuple(index)
 
 
+def _native(dtype) -> np.dtype:
+    """``dtype`` in this machine's byte order (zarr hands back native arrays)."""
+    return np.dtype(dtype).newbyteorder("=")
+
+
 def image_signature(image, axis: int = 0) -> str:
-    """SHA-1 of the image's shape, dtype and voxels, read slab by slab."""
+    """SHA-1 of the image's shape, dtype and voxels, read slab by slab.
+
+    Byte order is normalised, so a big-endian source (some TIFF and FITS files) and the
+    native copy stored in the project have the same signature.
+    """
+    dtype = _native(image.dtype)
     digest = hashlib.sha1()
-    digest.update(repr((tuple(image.shape), str(np.dtype(image.dtype)))).encode())
+    digest.update(repr((tuple(int(n) for n in image.shape), str(dtype))).encode())
     for index in iter_slabs(image.shape, axis):
-        digest.update(np.ascontiguousarray(image[index]).tobytes())
+        digest.update(np.ascontiguousarray(image[index], dtype=dtype).tobytes())
     return "sha1:" + digest.hexdigest()
 
 
@@ -140,6 +150,8 @@ class Project:
         self.path = Path(path)
         self._root = root
         meta = root.attrs[_ATTR]
+        if meta.get("axis") not in (0, 1, 2) or isinstance(meta.get("axis"), bool):
+            raise ProjectError(f"{path}: the project is damaged: axis is {meta.get('axis')!r}")
         self.axis: int = int(meta["axis"])
         self.signature: str = meta["data_signature"]
         vs = meta.get("voxel_size")
@@ -156,6 +168,8 @@ class Project:
             self.corrected: zarr.Array = root["ssl_seg/corrected"]
         except KeyError as err:
             raise ProjectError(f"{path}: the project is damaged: missing array {err}") from None
+        except Exception as err:  # unreadable array metadata: zarr raises several types
+            raise ProjectError(f"{path}: the project is damaged: {type(err).__name__}: {err}") from None
         for name in ("annotations", "corrections", "final", "annotated", "corrected"):
             if getattr(self, name).shape != self.image.shape:
                 raise ProjectError(
@@ -202,26 +216,43 @@ class Project:
         path = Path(path)
         check_image(image, name=source or "image")
         shape = tuple(int(n) for n in image.shape)
-        if axis not in (0, 1, 2):
-            raise ProjectError(f"axis must be 0, 1 or 2, got {axis!r}")
-        if voxel_size is not None:
-            voxel_size = tuple(float(v) for v in voxel_size)
-            if len(voxel_size) != 3 or not all(np.isfinite(voxel_size)) or min(voxel_size) <= 0:
-                raise ProjectError(f"voxel_size must be 3 positive numbers, got {voxel_size}")
-        if path.exists():
-            if not overwrite:
-                raise ProjectError(f"{path} already exists; pass overwrite=True to replace it")
-            shutil.rmtree(path)
-        # Build beside the target and rename at the end: a crash leaves no half project.
+        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or axis not in (0, 1, 2):
+            raise InvalidInputError(f"axis must be 0, 1 or 2, got {axis!r}")
+        axis = int(axis)
+        voxel_size = _check_voxel_size(voxel_size)
+        if path.exists() and not overwrite:
+            raise ProjectError(f"{path} already exists; pass overwrite=True to replace it")
+        # Build beside the target and rename at the end: a crash leaves no half project,
+        # and an existing project is replaced only once its successor is complete.
         tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
         if tmp.exists():
             shutil.rmtree(tmp)
+        try:
+            cls._build(tmp, image, shape, axis, voxel_size, units, source)
+            if path.exists():
+                old = path.with_name(f".{path.name}.{os.getpid()}.old")
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls.open(path, verify=False)
+
+    @staticmethod
+    def _build(tmp: Path, image, shape, axis, voxel_size, units, source) -> None:
+        """Write a complete new project at ``tmp`` (see :meth:`create`)."""
         root = zarr.open_group(tmp, mode="w", zarr_format=3)
         chunks = chunk_shape(shape, axis)
-        img = root.create_array("0", shape=shape, dtype=image.dtype, chunks=chunks)
-        digest = hashlib.sha1(repr((shape, str(np.dtype(image.dtype)))).encode())
+        dtype = _native(image.dtype)
+        img = root.create_array("0", shape=shape, dtype=dtype, chunks=chunks)
+        digest = hashlib.sha1(repr((shape, str(dtype))).encode())
         for index in iter_slabs(shape, axis):
-            block = np.ascontiguousarray(image[index])
+            block = np.ascontiguousarray(image[index], dtype=dtype)
             img[index] = block
             digest.update(block.tobytes())
         labels = root.create_group("labels")
@@ -242,8 +273,6 @@ class Project:
             "created": _now(),
             "created_by": f"napari-ssl-seg {__version__}",
         }
-        os.replace(tmp, path)
-        return cls.open(path, verify=False)
 
     @classmethod
     def open(
@@ -272,7 +301,9 @@ class Project:
         """
         path = Path(path)
         if not path.exists():
-            raise ProjectError(f"{path}: no such project directory")
+            left = sorted(path.parent.glob(f".{path.name}.*.old"))
+            hint = f" (an interrupted overwrite left the previous project at {left[-1]})" if left else ""
+            raise ProjectError(f"{path}: no such project directory{hint}")
         if not (path / "zarr.json").is_file():
             raise ProjectError(f"{path} is not a napari-ssl-seg project (no zarr.json)")
         try:
@@ -282,7 +313,9 @@ class Project:
             raise ProjectError(f"{path}: cannot read the project metadata: {err}") from None
         if not isinstance(meta, dict) or "data_signature" not in meta:
             raise ProjectError(f"{path} is a Zarr group but not a napari-ssl-seg project")
-        version = int(meta.get("schema_version", 0))
+        version = meta.get("schema_version", 0)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ProjectError(f"{path}: the project is damaged: schema_version is {version!r}")
         if version > SCHEMA_VERSION:
             raise ProjectError(
                 f"{path}: project schema {version} is newer than this napari-ssl-seg "
@@ -376,20 +409,25 @@ class Project:
             The logged record. The edit is on disk before any array is touched.
         """
         if kind not in _EDIT_KINDS:
-            raise ValueError(f"kind must be one of {_EDIT_KINDS}, got {kind!r}")
+            raise InvalidInputError(f"kind must be one of {_EDIT_KINDS}, got {kind!r}")
         region = self._check_region(region)
         box = tuple(s.stop - s.start for s in region)
         if kind == "unannotation":
             values = np.zeros(box, LABEL_DTYPE)
         elif values is None:
-            raise ValueError(f"a {kind!r} edit needs values")
+            raise InvalidInputError(f"a {kind!r} edit needs values")
         values = np.asarray(values)
         check_labels(values, shape=box, name=f"{kind} values")
         mask = np.ones(box, bool) if mask is None else np.asarray(mask, bool)
         if mask.shape != box:
-            raise ValueError(f"mask shape {mask.shape} does not match the region {box}")
+            raise InvalidInputError(f"mask shape {mask.shape} does not match the region {box}")
         if kind == "correction" and round < 1:
-            raise ValueError(f"a correction needs the round it corrects (>= 1), got {round}")
+            raise InvalidInputError(f"a correction needs the round it corrects (>= 1), got {round}")
+        if kind == "correction" and round > self.latest_round:
+            raise ProjectError(
+                f"{self.path}: cannot correct round {round}: the latest committed round is "
+                f"{self.latest_round}"
+            )
         edit_id = self._next_edit_id()
         record = {
             "id": edit_id,
@@ -421,9 +459,9 @@ class Project:
             Indices along the project axis.
         """
         check_labels(labels, shape=self.shape, name="labels")
+        regions = self._slice_regions(slices)
         edits = []
-        for i in slices:
-            region = self._slice_region(int(i))
+        for region in regions:
             edits.append(
                 self.apply_edit("annotation", region, np.asarray(labels[region]), source=source, whole_slices=True)
             )
@@ -443,7 +481,7 @@ class Project:
         check_labels(labels, shape=self.shape, name="labels")
         return [
             self.apply_edit("correction", region, np.asarray(labels[region]), round=round, source=source)
-            for region in (self._slice_region(int(i)) for i in slices)
+            for region in self._slice_regions(slices)
         ]
 
     def edits(self) -> list[Edit]:
@@ -561,16 +599,38 @@ class Project:
         region[self.axis] = slice(i, i + 1)
         return tuple(region)
 
+    def _slice_regions(self, slices: Sequence[int]) -> list[tuple[slice, ...]]:
+        """Regions of ``slices``, all checked before the caller writes any of them."""
+        slices = list(slices)
+        bad = [i for i in slices if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+        if bad:
+            raise InvalidInputError(f"slices must be integers, got {bad}")
+        outside = [int(i) for i in slices if not 0 <= i < self.n_slices]
+        if outside:
+            raise InvalidInputError(
+                f"slices {outside} are outside 0..{self.n_slices - 1} along axis {self.axis}"
+            )
+        return [self._slice_region(int(i)) for i in slices]
+
     def _check_region(self, region: Sequence[slice]) -> tuple[slice, ...]:
         region = tuple(region)
-        if len(region) != 3:
-            raise ValueError(f"region must have 3 slices (Z, Y, X), got {len(region)}")
+        if len(region) != 3 or not all(isinstance(s, slice) for s in region):
+            raise InvalidInputError(f"region must be 3 slices (Z, Y, X), got {region!r}")
         out = []
         for s, n in zip(region, self.shape, strict=True):
-            start, stop, step = s.indices(n)
-            if step != 1 or stop <= start:
-                raise ValueError(f"region {region} is empty or strided inside shape {self.shape}")
-            out.append(slice(start, stop))
+            # Explicit bounds only: slice.indices() would clip an out-of-bounds box and
+            # read negative starts from the end, silently editing other voxels.
+            start = 0 if s.start is None else s.start
+            stop = n if s.stop is None else s.stop
+            if (
+                s.step not in (None, 1)
+                or not all(isinstance(v, (int, np.integer)) for v in (start, stop))
+                or not 0 <= start < stop <= n
+            ):
+                raise InvalidInputError(
+                    f"region {region} is empty, strided or outside the image shape {self.shape}"
+                )
+            out.append(slice(int(start), int(stop)))
         return tuple(out)
 
     def _apply(self, record: dict, values: np.ndarray, mask: np.ndarray) -> None:
@@ -732,3 +792,17 @@ def _edit_from_record(record: dict, n_voxels: int) -> Edit:
         time=record["time"],
         whole_slices=bool(record.get("whole_slices")),
     )
+
+
+def _check_voxel_size(voxel_size) -> tuple[float, float, float] | None:
+    if voxel_size is None:
+        return None
+    try:
+        out = tuple(float(v) for v in voxel_size)
+    except (TypeError, ValueError):
+        raise InvalidInputError(
+            f"voxel_size must be 3 positive numbers (Z, Y, X), got {voxel_size!r}"
+        ) from None
+    if len(out) != 3 or not all(np.isfinite(out)) or min(out) <= 0:
+        raise InvalidInputError(f"voxel_size must be 3 positive numbers (Z, Y, X), got {voxel_size!r}")
+    return out

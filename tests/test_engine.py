@@ -1,0 +1,136 @@
+"""The training engine on tiny real projects: rounds, corrections, stop, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_ssl_seg.engine import load_checkpoint, load_method, run_round, train_round
+from napari_ssl_seg.errors import InvalidInputError
+from napari_ssl_seg.methods import method_names
+from napari_ssl_seg.store import Project
+
+
+def test_round_bookkeeping(tiny_project, tiny_config):
+    project, image, labels = tiny_project
+    reports = []
+    record = run_round(project, tiny_config(), progress=reports.append)
+    assert record["round"] == 1 and project.latest_round == 1
+    assert {r["phase"] for r in reports} >= {"load", "train", "predict", "done"}
+    train = [r for r in reports if r["phase"] == "train"]
+    assert [r["iteration"] for r in train] == [1, 2, 3]
+    assert all("loss" in r["losses"] and r["remaining"] >= 0 for r in train)
+    for key in ("method", "config", "seed", "started", "finished", "metrics", "checkpoint_sha256",
+                "revision", "uncertain_slices", "human_slices"):
+        assert key in record
+    assert record["human_slices"] == [1, 4]
+    ranked = [s["slice"] for s in record["uncertain_slices"]]
+    assert ranked and not set(ranked) & {1, 4}  # fully human slices are never proposed
+    pseudo = project.pseudo_labels(1)[...]
+    conf = project.confidence(1)[...]
+    assert pseudo.shape == image.shape and pseudo.dtype == np.uint16
+    assert conf.dtype == np.float32 and 0.0 <= conf.min() and conf.max() <= 1.0
+    ckpt = load_checkpoint(project.checkpoint_path(1))  # weights_only: no code runs on load
+    assert ckpt["method"] == "supervised" and ckpt["revision"] == project.revision
+    method, _ = load_method(project, 1)
+    assert isinstance(method, torch.nn.Module)
+    # the export source shows human labels on annotated slices
+    np.testing.assert_array_equal(project.final[1], labels[1])
+
+
+def test_corrections_survive_retraining(tiny_project, tiny_config):
+    project, _, labels = tiny_project
+    run_round(project, tiny_config())
+    fix = np.zeros_like(labels)
+    fix[6, 2:9, 2:9] = 1  # a human says: there is an object here
+    project.correct_slices(fix, [6], source="test")
+    corrections = project.corrections[...].copy()
+    corrected = project.corrected[...].copy()
+    annotations = project.annotations[...].copy()
+    record = run_round(project, tiny_config(seed=1))
+    assert record["round"] == 2 and record["initialised_from"] == "round 1"
+    assert record["pseudo_labels_from_round"] == 1
+    np.testing.assert_array_equal(project.corrections[...], corrections)
+    np.testing.assert_array_equal(project.corrected[...], corrected)
+    np.testing.assert_array_equal(project.annotations[...], annotations)
+    np.testing.assert_array_equal(project.merged_labels()[6], fix[6])
+    np.testing.assert_array_equal(project.final[6], fix[6])
+    assert 6 not in [s["slice"] for s in record["uncertain_slices"]]
+
+
+def test_stop_keeps_weights_and_commits(tiny_project, tiny_config):
+    project, _, _ = tiny_project
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    record = run_round(project, tiny_config(iterations=50), should_stop=stop)
+    assert record["stopped_early"] and record["iterations_done"] == 2
+    assert project.latest_round == 1
+
+
+def test_deterministic_with_seed(tmp_path, tiny_config):
+    from conftest import disks_volume
+
+    image, labels = disks_volume()
+    outputs = []
+    for name in ("a", "b"):
+        project = Project.create(tmp_path / f"{name}.zarr", image)
+        project.annotate_slices(labels, [1, 4])
+        losses = [r["losses"]["loss"] for r in train_round_reports(project, tiny_config(method="mean-teacher"))]
+        outputs.append((losses, project.confidence(1)[...]))
+    assert outputs[0][0] == outputs[1][0]
+    np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
+
+
+def train_round_reports(project, config):
+    return [r for r in _drain(train_round(project, config)) if r["phase"] == "train"]
+
+
+def _drain(gen):
+    while True:
+        try:
+            yield next(gen)
+        except StopIteration:
+            return
+
+
+def test_no_annotation_is_a_clear_error(tmp_path, tiny_config):
+    from conftest import disks_volume
+
+    image, _ = disks_volume()
+    project = Project.create(tmp_path / "p.zarr", image)
+    with pytest.raises(InvalidInputError, match="no slice is annotated"):
+        run_round(project, tiny_config())
+    assert project.latest_round == 0
+
+
+def test_annotated_empty_slice_teaches_background(tmp_path, tiny_config):
+    from conftest import disks_volume
+
+    image, labels = disks_volume()
+    project = Project.create(tmp_path / "p.zarr", image)
+    project.annotate_slices(labels, [0, 4])  # slice 0 is empty: annotated background
+    record = run_round(project, tiny_config())
+    assert record["human_slices"] == [0, 4]
+
+
+@pytest.mark.parametrize("name", [m for m in method_names()])
+def test_every_method_writes_a_round(tiny_project, tiny_config, name):
+    project, _, _ = tiny_project
+    settings = {"pretrain_iterations": 2} if name == "diffusion" else {}
+    record = run_round(project, tiny_config(method=name, iterations=2, settings=settings))
+    assert record["method"] == name and project.latest_round == 1
+    assert project.pseudo_labels(1).shape == project.shape
+    if name == "diffusion":
+        assert list((project.path / "ssl_seg" / "pretrained").glob("diffusion-*.pt"))
+
+
+@pytest.mark.parametrize("mode", ["2.5d", "3d"])
+def test_other_modes(tiny_project, tiny_config, mode):
+    project, _, _ = tiny_project
+    record = run_round(project, tiny_config(mode=mode, iterations=2))
+    assert record["config"]["mode"] == mode and project.latest_round == 1
