@@ -99,6 +99,6 @@ def test_bad_input(files, capsys, argv, message):
 
 def test_evaluate_shape_mismatch(files, capsys):
     tmp, f = files
-    tifffile.imwrite(tmp / "small.tif", np.zeros((5, 4, 4), np.uint8))
+    tifffile.imwrite(tmp / "small.tif", np.zeros((5, 6, 7), np.uint8))
     assert main(["evaluate", str(tmp / "small.tif"), str(f["truth"])]) == 2
     assert "does not match" in capsys.readouterr().err
