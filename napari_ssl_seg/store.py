@@ -169,7 +169,9 @@ class Project:
         except KeyError as err:
             raise ProjectError(f"{path}: the project is damaged: missing array {err}") from None
         except Exception as err:  # unreadable array metadata: zarr raises several types
-            raise ProjectError(f"{path}: the project is damaged: {type(err).__name__}: {err}") from None
+            raise ProjectError(
+                f"{path}: the project is damaged: {type(err).__name__}: {err}"
+            ) from None
         for name in ("annotations", "corrections", "final", "annotated", "corrected"):
             if getattr(self, name).shape != self.image.shape:
                 raise ProjectError(
@@ -204,7 +206,8 @@ class Project:
         voxel_size : sequence of 3 floats, optional
             Physical size of a voxel along (Z, Y, X) in ``units``.
         overwrite : bool
-            Replace an existing directory at ``path``.
+            Replace an existing directory at ``path``; it is removed only once the new
+            project is complete, so a failed or killed create leaves it as it was.
 
         Raises
         ------
@@ -216,7 +219,8 @@ class Project:
         path = Path(path)
         check_image(image, name=source or "image")
         shape = tuple(int(n) for n in image.shape)
-        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or axis not in (0, 1, 2):
+        is_int = isinstance(axis, (int, np.integer)) and not isinstance(axis, bool)
+        if not is_int or axis not in (0, 1, 2):
             raise InvalidInputError(f"axis must be 0, 1 or 2, got {axis!r}")
         axis = int(axis)
         voxel_size = _check_voxel_size(voxel_size)
@@ -302,7 +306,7 @@ class Project:
         path = Path(path)
         if not path.exists():
             left = sorted(path.parent.glob(f".{path.name}.*.old"))
-            hint = f" (an interrupted overwrite left the previous project at {left[-1]})" if left else ""
+            hint = f" (an interrupted overwrite left the old one at {left[-1]})" if left else ""
             raise ProjectError(f"{path}: no such project directory{hint}")
         if not (path / "zarr.json").is_file():
             raise ProjectError(f"{path} is not a napari-ssl-seg project (no zarr.json)")
@@ -422,7 +426,9 @@ class Project:
         if mask.shape != box:
             raise InvalidInputError(f"mask shape {mask.shape} does not match the region {box}")
         if kind == "correction" and round < 1:
-            raise InvalidInputError(f"a correction needs the round it corrects (>= 1), got {round}")
+            raise InvalidInputError(
+                f"a correction needs the round it corrects (>= 1), got {round}"
+            )
         if kind == "correction" and round > self.latest_round:
             raise ProjectError(
                 f"{self.path}: cannot correct round {round}: the latest committed round is "
@@ -804,5 +810,7 @@ def _check_voxel_size(voxel_size) -> tuple[float, float, float] | None:
             f"voxel_size must be 3 positive numbers (Z, Y, X), got {voxel_size!r}"
         ) from None
     if len(out) != 3 or not all(np.isfinite(out)) or min(out) <= 0:
-        raise InvalidInputError(f"voxel_size must be 3 positive numbers (Z, Y, X), got {voxel_size!r}")
+        raise InvalidInputError(
+            f"voxel_size must be 3 positive numbers (Z, Y, X), got {voxel_size!r}"
+        )
     return out
