@@ -515,7 +515,7 @@ class Project:
     def rounds(self) -> list[dict]:
         """Records of every committed round, oldest first."""
         out = []
-        for p in sorted(self._rounds_dir.glob("r*/record.json")):
+        for p in sorted(self._rounds_dir.glob("r*/record.json"), key=lambda q: int(q.parent.name[1:])):
             try:
                 out.append(json.loads(p.read_text()))
             except (OSError, ValueError) as err:
@@ -734,13 +734,15 @@ class RoundWriter:
             pseudo_labels=f"labels/pseudo_r{self.round:03d}",
             confidence=f"ssl_seg/confidence_r{self.round:03d}",
         )
+        # The record commits the round; listing it for NGFF readers comes after, so a
+        # crash in between leaves a real round that is merely unlisted.
+        _atomic_write_bytes(self.directory / "record.json", json.dumps(record, indent=1).encode())
         labels = self.project._root["labels"]
         ome = dict(labels.attrs["ome"])
         name = f"pseudo_r{self.round:03d}"
         if name not in ome["labels"]:
             ome["labels"] = list(ome["labels"]) + [name]
             labels.attrs["ome"] = ome
-        _atomic_write_bytes(self.directory / "record.json", json.dumps(record, indent=1).encode())
         return record
 
 
