@@ -23,7 +23,7 @@ import torch
 
 from napari_ssl_seg.config import TrainConfig
 from napari_ssl_seg.data import TwoStreamSampler, load_training_set, normalise, slice_stack
-from napari_ssl_seg.engine import build_method, seed_everything
+from napari_ssl_seg.engine import _training_inputs, build_method, seed_everything
 from napari_ssl_seg.inference import predict_probabilities, recalibrate_batchnorm
 from napari_ssl_seg.store import Project
 
@@ -103,7 +103,7 @@ def main(argv=None) -> None:
         if (step + 1) % args.eval_every == 0 or step + 1 == config.iterations:
             t1 = time.perf_counter()
             if not args.no_recalibrate:
-                recalibrate_batchnorm(method, data.image, mode=config.mode, device=torch.device("cpu"))
+                recalibrate_batchnorm(method, _training_inputs(sampler, torch.device("cpu"), n=30))
             with torch.no_grad():
                 probs = torch.cat([predict_probabilities(method, x_all[i : i + 8])
                                    for i in range(0, len(x_all), 8)])

@@ -188,7 +188,7 @@ def train_round(
         }
     trained_seconds = time.time() - train_started
 
-    recalibrate_batchnorm(method, data.image, mode=config.mode, device=device, seed=config.seed)
+    recalibrate_batchnorm(method, _training_inputs(sampler, device, n=30))
     writer = project.begin_round()
     scores = yield from _with_elapsed(
         predict_into_round(project, method, writer, norm=data.norm, mode=config.mode, device=device),
@@ -269,6 +269,15 @@ def _pretrain(project, method, sampler, config, device, stop, started) -> Genera
     tmp = path.with_suffix(".partial")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)
+
+
+def _training_inputs(sampler: TwoStreamSampler, device: torch.device, *, n: int):
+    """``n`` input batches drawn like the training batches (labelled + unlabelled crops)."""
+    for _ in range(n):
+        images = [sampler.labelled().image]
+        if sampler.config.unlabelled_batch > 0:
+            images.append(sampler.unlabelled().image)
+        yield torch.cat(images).to(device)
 
 
 def _with_elapsed(gen: Generator[Progress, None, Any], started: float) -> Generator[Progress, None, Any]:
