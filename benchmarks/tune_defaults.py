@@ -24,7 +24,12 @@ import torch
 from napari_ssl_seg.config import TrainConfig
 from napari_ssl_seg.data import TwoStreamSampler, load_training_set, normalise, slice_stack
 from napari_ssl_seg.engine import _training_inputs, build_method, seed_everything
-from napari_ssl_seg.inference import predict_probabilities, recalibrate_batchnorm
+from napari_ssl_seg.inference import (
+    adjust_background,
+    calibrate_background_bias,
+    predict_probabilities,
+    recalibrate_batchnorm,
+)
 from napari_ssl_seg.store import Project
 
 
@@ -104,14 +109,20 @@ def main(argv=None) -> None:
             t1 = time.perf_counter()
             if not args.no_recalibrate:
                 recalibrate_batchnorm(method, _training_inputs(sampler, torch.device("cpu"), n=30))
+            bias = calibrate_background_bias(method, data.image, data.target, data.weight,
+                                             data.human_slices, mode=config.mode,
+                                             device=torch.device("cpu"))
             with torch.no_grad():
                 probs = torch.cat([predict_probabilities(method, x_all[i : i + 8])
                                    for i in range(0, len(x_all), 8)])
             pred = probs.argmax(1).numpy()
+            pred_bias = adjust_background(probs, bias).argmax(1).numpy()
             predict_seconds = time.perf_counter() - t1
             d = dice(pred[unannotated], truth[unannotated])
+            d_bias = dice(pred_bias[unannotated], truth[unannotated])
             curve.append({"iteration": step + 1, "train_s": round(train_seconds, 1),
-                          "predict_s": round(predict_seconds, 1), "dice": round(d, 4)})
+                          "predict_s": round(predict_seconds, 1), "dice": round(d, 4),
+                          "bias": bias, "dice_calibrated": round(d_bias, 4)})
             print(json.dumps({"tag": args.set + args.setting, "method": args.method,
                               "noisy": args.noisy, **curve[-1]}), flush=True)
 

@@ -30,7 +30,12 @@ import torch
 from napari_ssl_seg import __version__
 from napari_ssl_seg.config import TrainConfig
 from napari_ssl_seg.data import TwoStreamSampler, in_channels, load_training_set
-from napari_ssl_seg.inference import predict_into_round, rank_slices, recalibrate_batchnorm
+from napari_ssl_seg.inference import (
+    calibrate_background_bias,
+    predict_into_round,
+    rank_slices,
+    recalibrate_batchnorm,
+)
 from napari_ssl_seg.methods import NetworkConfig, SSLMethod, get_method
 from napari_ssl_seg.store import Project
 
@@ -189,15 +194,20 @@ def train_round(
     trained_seconds = time.time() - train_started
 
     recalibrate_batchnorm(method, _training_inputs(sampler, device, n=30))
+    bias = calibrate_background_bias(
+        method, data.image, data.target, data.weight, data.human_slices, mode=config.mode, device=device
+    )
     writer = project.begin_round()
     scores = yield from _with_elapsed(
-        predict_into_round(project, method, writer, norm=data.norm, mode=config.mode, device=device),
+        predict_into_round(
+            project, method, writer, norm=data.norm, mode=config.mode, device=device, background_bias=bias
+        ),
         started,
     )
     ckpt = checkpoint_bytes(
         method,
         config,
-        {"round": writer.round, "revision": revision, "norm": list(data.norm)},
+        {"round": writer.round, "revision": revision, "norm": list(data.norm), "background_bias": bias},
     )
     record = {
         "method": config.method,
@@ -220,6 +230,7 @@ def train_round(
         "host": platform.node(),
         "version": __version__,
         "norm": list(data.norm),
+        "background_bias": bias,
     }
     record = writer.commit(record, ckpt)
     if refresh_final:

@@ -112,6 +112,77 @@ def recalibrate_batchnorm(method: SSLMethod, batches: Iterable[torch.Tensor]) ->
     return len(norms)
 
 
+def adjust_background(probs: torch.Tensor, bias: float) -> torch.Tensor:
+    """Softmax probabilities with ``bias`` added to the background log-probability.
+
+    ``probs`` is (B, K, ...); a positive bias makes the model more conservative.
+    """
+    if bias == 0.0:
+        return probs
+    logp = probs.clamp_min(1e-8).log()
+    logp[:, 0] += bias
+    return logp.softmax(1)
+
+
+@torch.no_grad()
+def calibrate_background_bias(
+    method: SSLMethod,
+    image: np.ndarray,
+    target: np.ndarray,
+    weight: np.ndarray,
+    slices: list[int],
+    *,
+    mode: str,
+    device: torch.device,
+    grid: np.ndarray | None = None,
+) -> float:
+    """The background bias that maximises Dice on the human-labelled voxels.
+
+    With a few annotated slices the decision boundary of the network is biased as a
+    whole (on the sample it paints nuclei ~10 % too large, on its own training slices
+    too), and that bias moves with the BatchNorm statistics. One scalar, fitted on the
+    voxels humans labelled, removes most of it - the diffusion paper likewise picks its
+    threshold on labelled data. Ties go to the bias closest to 0.
+
+    Parameters
+    ----------
+    image : (S, H, W) float32 ndarray
+        Normalised volume, slice axis first.
+    target, weight : (S, H, W) ndarrays
+        Labels and loss weights (1 = human voxel) of :class:`~napari_ssl_seg.data.TrainingSet`.
+    slices : list of int
+        Slices holding human voxels.
+
+    Returns
+    -------
+    float
+        The bias for :func:`adjust_background` (0 when nothing can be fitted).
+    """
+    if mode == "3d" or not slices:
+        return 0.0
+    grid = np.round(np.linspace(-3, 3, 25), 4) if grid is None else grid
+    x = torch.from_numpy(slice_stack(image, slices, mode)).to(device)
+    logp = predict_probabilities(method, x).clamp_min(1e-8).log().cpu()
+    human = torch.from_numpy(weight[slices] >= 1.0)
+    truth = torch.from_numpy(target[slices])[human]
+    if not (truth > 0).any():
+        return 0.0
+    best, best_score = 0.0, -1.0
+    for bias in sorted(grid, key=abs):
+        shifted = logp.clone()
+        shifted[:, 0] += float(bias)
+        pred = shifted.argmax(1)[human]
+        scores = []
+        for c in range(1, logp.shape[1]):
+            p, t = pred == c, truth == c
+            if t.any() or p.any():
+                scores.append(float(2 * (p & t).sum() / (p.sum() + t.sum())))
+        score = float(np.mean(scores)) if scores else 0.0
+        if score > best_score + 1e-6:
+            best, best_score = float(bias), score
+    return best
+
+
 def predict_into_round(
     project: Project,
     method: SSLMethod,
@@ -120,6 +191,7 @@ def predict_into_round(
     norm: tuple[float, float],
     mode: str,
     device: torch.device,
+    background_bias: float = 0.0,
     slices_per_batch: int = 8,
 ) -> Iterator[dict]:
     """Predict every slice of the project into ``writer``; yields progress dicts.
@@ -140,7 +212,8 @@ def predict_into_round(
             lo, hi = max(0, start - 1), min(n, stop + 1)
             block = np.moveaxis(normalise(project.image[_along(axis, lo, hi)], norm), axis, 0)
             x = torch.from_numpy(slice_stack(block, np.arange(start - lo, stop - lo), mode))
-            probs = predict_probabilities(method, x.to(device)).movedim(1, 0)
+            probs = adjust_background(predict_probabilities(method, x.to(device)), background_bias)
+            probs = probs.movedim(1, 0)
         probs = probs.cpu().numpy()  # (K, slices, H, W)
         labels = probs.argmax(0).astype(np.uint16)
         confidence = probs.max(0).astype(np.float32)
