@@ -148,10 +148,16 @@ def nuclei_noisy_sample() -> list[tuple]:
     return _with_annotations(noisy_nuclei(seed=0), "nuclei (noisy)")
 
 
+#: Labels-layer metadata key listing the slices that count as annotated, empty ones
+#: included (a label volume cannot say that slice 10 is annotated background).
+ANNOTATED_SLICES_KEY = "napari_ssl_seg_annotated_slices"
+
+
 def _with_annotations(image: np.ndarray, name: str) -> list[tuple]:
     annotations = read_volume(NUCLEI_ANNOTATIONS).data
     scale = NUCLEI_VOXEL_SIZE
+    metadata = {ANNOTATED_SLICES_KEY: list(QUICKSTART_SLICES)}
     return [
         (image, {"name": name, "scale": scale}, "image"),
-        (annotations, {"name": "annotations", "scale": scale}, "labels"),
+        (annotations, {"name": "annotations", "scale": scale, "metadata": metadata}, "labels"),
     ]

@@ -70,8 +70,8 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0
     mode: str = "2d"
-    patch_size: int = 128
-    labelled_batch: int = 4
+    patch_size: int = 96
+    labelled_batch: int = 2
     unlabelled_batch: int = 2
     lr: float = 3e-3
     features: tuple[int, ...] = (16, 32, 64, 128, 256, 16)

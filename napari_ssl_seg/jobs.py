@@ -184,11 +184,9 @@ class TrainingJob:
             # Whatever the child flushed before exiting is in the pipe already.
             messages.extend(self._drain(wait=0.2))
             if not ended():
-                messages.append((
-                    "error",
+                messages.append(("error", (
                     f"the training process ended without a result (exit code "
-                    f"{process.exitcode}); it was killed or ran out of memory",
-                ))
+                    f"{process.exitcode}); it was killed or ran out of memory")))
         for kind, payload in messages:
             if kind == "done":
                 self.result, self._finished = payload, True

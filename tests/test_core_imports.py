@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 CORE = ["store", "labels", "io", "config", "data", "engine", "inference", "methods", "metrics",
-        "cli", "jobs", "demo", "models", "losses"]
+        "cli", "jobs", "annotation", "demo", "models", "losses"]
 
 
 def test_core_is_headless():
