@@ -1,0 +1,1050 @@
+"""The napari widget: annotate slices, train in the background, correct, retrain, export.
+
+The only module that imports Qt and napari. It is thin: the project and the human edits
+belong to :class:`napari_ssl_seg.annotation.AnnotationSession`, training to a
+:class:`napari_ssl_seg.jobs.TrainingJob` (a child process polled from a QTimer, so the
+brush and the slice slider stay live), settings and export to
+:mod:`napari_ssl_seg.annotation`. This module builds those objects, keeps the layers in
+step with them and shows what they report.
+
+Layers: the image, ``confidence · round N`` (magma, hidden), ``pseudo-labels · round N``
+(editable: corrections, with human labels on top) and ``annotations`` (on top). Strokes
+on ``annotations`` become annotation edits (whole slices), strokes on the pseudo-labels
+become corrections of round N; both are written to the project at most
+``AUTOSAVE_MS`` after the stroke, as the touched boxes only.
+
+Shortcuts (bound on the viewer; none is a napari default for Image or Labels layers,
+though a selected Points or Shapes layer keeps its own "A"): ``N`` next uncertain
+slice, ``A`` accept the slice, ``Shift-T`` train / retrain.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QPointF, Qt, QTimer
+from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_ssl_seg import annotation as ann
+from napari_ssl_seg._reader import PROJECT_KEY, is_project
+from napari_ssl_seg._sample_data import ANNOTATED_SLICES_KEY
+from napari_ssl_seg.config import PRESETS
+from napari_ssl_seg.errors import SslSegError
+from napari_ssl_seg.jobs import TrainingJob, error_summary
+
+if TYPE_CHECKING:
+    import napari
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 100  # how often the child's queue is read
+AUTOSAVE_MS = 700  # a crash loses at most the strokes of this window
+STOP_TIMEOUT_S = 5.0  # on close: wait this long for a stopped round, then kill it
+SHORTCUTS = {"n": "next_uncertain", "a": "accept_slice", "Shift-T": "train"}
+NEW_LAYER = "(new layer)"
+PHASES = {"load": "loading", "pretrain": "pretraining", "train": "training",
+          "predict": "predicting", "done": "saving"}
+
+
+class LossPlot(QWidget):
+    """A small live loss curve (a polyline; no plotting library needed)."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.values: list[float] = []
+        self.setMinimumHeight(70)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+
+    def add(self, value: float) -> None:
+        if np.isfinite(value):
+            self.values.append(float(value))
+            self.update()
+
+    def clear(self) -> None:
+        self.values = []
+        self.update()
+
+    def paintEvent(self, event) -> None:  # noqa: N802 - Qt name
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        rect = self.rect().adjusted(2, 2, -2, -2)
+        painter.fillRect(rect, QColor(0, 0, 0, 60))
+        painter.setPen(QColor(170, 170, 170))
+        if len(self.values) < 2:
+            painter.drawText(rect, Qt.AlignmentFlag.AlignCenter, "loss curve")
+            return
+        step = max(1, len(self.values) // max(rect.width(), 1))
+        values = np.asarray(self.values[::step])
+        lo, hi = float(values.min()), float(values.max())
+        span = hi - lo or 1.0
+        top, height = rect.top() + 14, rect.height() - 16
+        xs = rect.left() + np.linspace(0, rect.width(), len(values))
+        ys = top + height * (1 - (values - lo) / span)
+        painter.drawText(rect.adjusted(4, 0, -4, 0), Qt.AlignmentFlag.AlignLeft,
+                         f"loss {self.values[-1]:.3f}")
+        painter.drawText(rect.adjusted(4, 0, -4, 0), Qt.AlignmentFlag.AlignRight,
+                         f"{lo:.3f} – {hi:.3f}")
+        painter.setPen(QPen(QColor(90, 180, 255), 1.5))
+        painter.drawPolyline(QPolygonF([QPointF(x, y) for x, y in zip(xs, ys, strict=True)]))
+
+
+class SslSegWidget(QWidget):
+    """Annotate, train in the background, correct pseudo-labels, retrain, export.
+
+    Parameters
+    ----------
+    viewer : napari.viewer.Viewer
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        # napari hands plugin widgets a PublicOnlyProxy that wraps every object it returns
+        # anew, so ``layer is self.annotation_layer`` would never hold: use the viewer.
+        self.viewer = viewer = getattr(viewer, "__wrapped__", viewer)
+        self.session: ann.AnnotationSession | None = None
+        self.settings = ann.default_settings()
+        self.image_layer = None
+        self.annotation_layer = None
+        self.pseudo_layer = None
+        self.confidence_layer = None
+        self.round = 0  # the round shown in the pseudo-label layer
+        self.job: TrainingJob | None = None
+        self._job_box: list[TrainingJob] = []  # shared with the destroyed-handler
+        self._progress: progress | None = None
+        self._phase = ""
+        self._task = None  # napari task-status id of the running round
+        self._uncertain: list[int] = []
+        self._uncertain_pos = -1
+        self._unbound: dict[str, object] = {}
+        self._relays: dict[int, _PaintRelay] = {}
+        self._closed = False
+        self._build()
+        self._method_names: list = []  # filled by a thread: [names]
+        threading.Thread(target=_load_method_names, args=(self._method_names,),
+                         daemon=True, name="napari-ssl-seg methods").start()
+        self._names_timer = QTimer(self, interval=200)
+        self._names_timer.timeout.connect(lambda: self._method_names and self._fill_methods())
+        self._names_timer.start()
+        self._poll_timer = QTimer(self, interval=POLL_MS)
+        self._poll_timer.timeout.connect(self._poll)
+        self._save_timer = QTimer(self, interval=AUTOSAVE_MS, singleShot=True)
+        self._save_timer.timeout.connect(self._autosave)
+        self._reap_timer = QTimer(self, interval=50)
+        self._reap_timer.timeout.connect(self._reap)
+        self._saving: list = []  # (Future of Saved, round) written by the session's thread
+        viewer.layers.events.inserted.connect(self._refresh_layer_choices)
+        viewer.layers.events.removed.connect(self._refresh_layer_choices)
+        viewer.layers.events.removing.connect(self._layer_removing)
+        viewer.dims.events.current_step.connect(self._update_slice_info)
+        self._bind_keys()
+        box = self._job_box
+        # Closing napari deletes the widget without a closeEvent: end the child anyway.
+        self.destroyed.connect(lambda *_: [job.shutdown(STOP_TIMEOUT_S) for job in box])
+        self._refresh_layer_choices()
+        self._set_busy(False)
+        chosen = self.image_layer_choice()
+        if chosen is not None and PROJECT_KEY in chosen.metadata:
+            self.open_project()  # a project opened with our reader: pick it up at once
+
+    # ================================================================ layout
+    def _build(self) -> None:
+        inner = QWidget()
+        column = QVBoxLayout(inner)
+        column.setContentsMargins(4, 4, 4, 4)
+        for build in (self._build_project, self._build_annotate, self._build_train,
+                      self._build_review, self._build_export):
+            column.addWidget(build())
+        self.status_label = _wrapping_label("")
+        column.addWidget(self.status_label)
+        column.addStretch(1)
+        scroll = QScrollArea(widgetResizable=True)
+        scroll.setWidget(inner)
+        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        self.setMinimumWidth(300)
+
+    def _build_project(self) -> QGroupBox:
+        group = QGroupBox("Project")
+        form = QFormLayout(group)
+        self.image_combo = _combo()
+        self.labels_combo = _combo()
+        self.path_edit = QLineEdit(placeholderText="<image>.ssl.zarr beside its file")
+        self.path_edit.setToolTip("The project directory; empty: <image name>.ssl.zarr "
+                                  "beside the image file (or a folder you choose)")
+        browse = QPushButton("Browse…", clicked=self._browse_project)
+        row = QHBoxLayout()
+        row.addWidget(self.path_edit, 1)
+        row.addWidget(browse)
+        self.open_button = QPushButton("Open / create project",
+                                       clicked=lambda: self.open_project())
+        self.project_label = _wrapping_label("No project open.")
+        form.addRow("Image", self.image_combo)
+        form.addRow("Annotations", self.labels_combo)
+        form.addRow("Project", row)
+        form.addRow(self.open_button)
+        form.addRow(self.project_label)
+        return group
+
+    def _build_annotate(self) -> QGroupBox:
+        group = QGroupBox("Annotate")
+        lay = QVBoxLayout(group)
+        lay.addWidget(_wrapping_label(
+            "A painted slice counts as fully annotated: unpainted voxels are background.",
+            muted=True))
+        self.annotated_label = _wrapping_label("Annotated slices: –")
+        self.corrected_label = _wrapping_label("Corrected slices: –")
+        self.slice_label = _wrapping_label("Slice –")
+        self.mark_button = QPushButton("Mark slice as background", clicked=self.toggle_slice_mark)
+        self.mark_button.setToolTip("Count the current slice as annotated even if it is "
+                                    "empty (all background), or forget its annotation")
+        for w in (self.annotated_label, self.corrected_label, self.slice_label, self.mark_button):
+            lay.addWidget(w)
+        return group
+
+    def _build_train(self) -> QGroupBox:
+        group = QGroupBox("Train")
+        form = QFormLayout(group)
+        self.method_combo = _combo()
+        self.preset_combo = _combo()
+        self.device_combo = _combo()
+        self.device_combo.addItems(ann.DEVICES)
+        form.addRow("Method", self.method_combo)
+        form.addRow("Budget", self.preset_combo)
+        form.addRow("Device", self.device_combo)
+        self.train_button = QPushButton("Train", clicked=lambda: self.train())
+        self.train_button.setToolTip("Train a round in the background (Shift-T)")
+        self.stop_button = QPushButton("Stop", clicked=lambda: self.stop())
+        self.stop_button.setToolTip("Stop at the next iteration; the round is still saved")
+        row = QHBoxLayout()
+        row.addWidget(self.train_button, 1)
+        row.addWidget(self.stop_button, 1)
+        form.addRow(row)
+        self.progress_bar = QProgressBar(textVisible=True)
+        self.time_label = QLabel("")
+        self.loss_plot = LossPlot()
+        for w in (self.progress_bar, self.time_label, self.loss_plot):
+            form.addRow(w)
+        self._fill_presets()
+        self.method_combo.currentTextChanged.connect(lambda v: self._set_setting("method", v))
+        self.preset_combo.currentIndexChanged.connect(
+            lambda _: self._choose_preset(self.preset_combo.currentData()))
+        self.device_combo.currentTextChanged.connect(lambda v: self._set_setting("device", v))
+        return group
+
+    def _build_review(self) -> QGroupBox:
+        group = QGroupBox("Least confident slices")
+        lay = QVBoxLayout(group)
+        self.uncertain_list = QListWidget()
+        self.uncertain_list.setMaximumHeight(90)
+        self.uncertain_list.itemActivated.connect(self._jump_to_item)
+        self.uncertain_list.itemClicked.connect(self._jump_to_item)
+        row = QHBoxLayout()
+        self.next_button = QPushButton("Next uncertain (N)", clicked=lambda: self.next_uncertain())
+        self.accept_button = QPushButton("Accept slice (A)", clicked=lambda: self.accept_slice())
+        self.accept_button.setToolTip("Record the whole current slice of the pseudo-labels "
+                                      "as human-verified")
+        row.addWidget(self.next_button, 1)
+        row.addWidget(self.accept_button, 1)
+        lay.addWidget(self.uncertain_list)
+        lay.addLayout(row)
+        return group
+
+    def _build_export(self) -> QGroupBox:
+        group = QGroupBox("Export masks")
+        form = QFormLayout(group)
+        self.export_combo = _combo()
+        self.format_combo = _combo()
+        self.format_combo.addItems(ann.EXPORT_FORMATS)
+        self.export_button = QPushButton("Export…", clicked=self._export_clicked)
+        form.addRow("Labels", self.export_combo)
+        form.addRow("Format", self.format_combo)
+        form.addRow(self.export_button)
+        self.format_combo.currentTextChanged.connect(
+            lambda v: self._set_setting("export_format", v))
+        return group
+
+    # ============================================================== project
+    @property
+    def project(self):
+        return None if self.session is None else self.session.project
+
+    def image_layer_choice(self):
+        name = self.image_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def open_project(self, path: str | Path | None = None) -> bool:
+        """Open (or create) the project of the chosen image and wire its layers.
+
+        ``path`` defaults to the path field, then to ``<name>.ssl.zarr`` beside the
+        image's file, then asks for a folder. Returns True on success.
+        """
+        if self.job is not None:
+            return self._message("A round is running: wait for it, or Stop it first.", "warning")
+        image = self.image_layer_choice()
+        if image is None:
+            return self._message("Open a 3D image first (File ▸ Open, or a sample).", "warning")
+        if image.ndim != 3 or getattr(image, "rgb", False) or image.multiscale:
+            return self._message(f"Layer '{image.name}' has shape {image.data.shape}: "
+                                 "need a single-scale 3D (Z, Y, X) volume.", "warning")
+        own = image.metadata.get(PROJECT_KEY)
+        path = path or self.path_edit.text().strip() or own or self._default_path(image)
+        if not path:
+            return self._message("Choose a folder for the project (Browse…).", "warning")
+        labels = self._labels_choice()
+        if labels is not None and tuple(labels.data.shape) != tuple(image.data.shape):
+            return self._message(
+                f"Layer '{labels.name}' has shape {tuple(labels.data.shape)}, but the image "
+                f"'{image.name}' has {tuple(image.data.shape)}: pick another annotation layer "
+                f"or '{NEW_LAYER}'.", "warning")
+        self._close_project()
+        try:
+            scale = tuple(float(s) for s in image.scale)
+            project, created = ann.open_or_create(
+                path, image.data, voxel_size=None if scale == (1.0,) * 3 else scale,
+                source=str(self._source_path(image) or image.name),
+                check_image=own is None or Path(own) != Path(path))
+            imported = [] if labels is None else ann.import_annotations(
+                project, labels.data, slices=labels.metadata.get(ANNOTATED_SLICES_KEY))
+        except (SslSegError, ValueError, OSError) as err:
+            return self._message(f"Cannot open the project: {err}", "error")
+        self.session = ann.AnnotationSession(project, background=True)
+        self.image_layer = image
+        self.path_edit.setText(str(project.path))
+        self.settings = ann.load_settings(project.path)
+        self._apply_settings()
+        self._attach_annotation_layer(labels, image)
+        if project.latest_round:
+            self._show_round(project.latest_round)
+        self._refresh_export_choices()
+        self._set_busy(False)
+        self._update_slice_info()
+        what = "Created" if created else "Opened"
+        extra = f"; imported annotated slices {ann.format_slices(imported)}" if imported else ""
+        self.project_label.setText(
+            f"{project.path.name}: {' × '.join(map(str, project.shape))}, "
+            f"{project.latest_round} round(s)")
+        return self._message(f"{what} {project.path}{extra}.")
+
+    def _default_path(self, image) -> str:
+        source = self._source_path(image)
+        if source:
+            return str(ann.default_project_path(source))
+        folder = QFileDialog.getExistingDirectory(
+            self, f"Folder for the project of '{image.name}'")
+        return str(ann.default_project_path(name=image.name, directory=folder)) if folder else ""
+
+    @staticmethod
+    def _source_path(layer) -> str | None:
+        return (getattr(layer.source, "path", None)
+                or layer.metadata.get("napari_ssl_seg_source"))
+
+    def _browse_project(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Project, or the folder to create it in")
+        if folder:
+            image = self.image_layer_choice()
+            name = image.name if image is not None else "volume"
+            path = folder if is_project(folder) else ann.default_project_path(
+                name=name, directory=folder)
+            self.path_edit.setText(str(path))
+
+    def _labels_choice(self):
+        name = self.labels_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def _attach_annotation_layer(self, labels, image) -> None:
+        data = np.asarray(self.project.annotations[...])
+        if labels is None:
+            labels = self.viewer.add_labels(data, name="annotations", scale=image.scale,
+                                            translate=image.translate)
+        else:
+            labels.data = data  # the project's annotations (imported ones included)
+        labels.metadata[PROJECT_KEY] = str(self.project.path)
+        labels.metadata.pop(ANNOTATED_SLICES_KEY, None)  # imported: the project knows now
+        self.annotation_layer = labels
+        self._watch(labels, self.session.annotations)
+        self._refresh_layer_choices()
+
+    def _close_project(self) -> None:
+        self.flush()
+        if self.session is not None:
+            self.session.close()
+        for layer in (self.annotation_layer, self.pseudo_layer):
+            if layer is not None:
+                self._unwatch(layer)
+        self.session, self.annotation_layer, self.pseudo_layer = None, None, None
+        self.confidence_layer, self.round, self._uncertain = None, 0, []
+        self.uncertain_list.clear()
+
+    # ======================================================== human edits
+    def _watch(self, layer, buffer: ann.EditBuffer) -> None:
+        """Route the layer's strokes (and undo/redo, which emit no paint event) to ``buffer``."""
+        def on_item(item) -> None:
+            buffer.add(item)
+            if not self._save_timer.isActive():
+                self._save_timer.start()  # not restarted per stroke: bounded latency
+
+        relay = _PaintRelay(on_item)
+        layer.events.paint.connect(relay)
+        _watch_history(layer, on_item)
+        self._relays[id(layer)] = relay
+
+    def _unwatch(self, layer) -> None:
+        relay = self._relays.pop(id(layer), None)
+        if relay is not None:
+            layer.events.paint.disconnect(relay)
+        for name in ("undo", "redo"):
+            layer.__dict__.pop(name, None)
+
+    def _autosave(self) -> None:
+        """Write the buffered strokes in the session's writer thread (the GUI goes on)."""
+        session = self.session
+        if session is None or not session.pending:
+            return
+        if self.job is not None and not self.job.finished and self._phase in ("", "load"):
+            # The child is reading the human labels: let it see one consistent state.
+            self._save_timer.start()
+            return
+        future = session.flush_async(*self._layer_data(), round=self.round,
+                                     merged_round=self._merged_round())
+        self._saving.append((future, self.round))
+        self._reap_timer.start()
+
+    def _reap(self) -> None:
+        """Show what the writer thread has finished writing."""
+        done = [(f, r) for f, r in self._saving if f.done()]
+        self._saving = [(f, r) for f, r in self._saving if not f.done()]
+        for future, r in done:
+            if future.exception() is not None:
+                self._message(f"Could not save the last strokes: {future.exception()}", "error")
+            else:
+                self._show_saved(future.result(), r)
+        if not self._saving:
+            self._reap_timer.stop()
+
+    def flush(self) -> ann.Saved:
+        """Write every pending stroke now and wait for it (the autosave does it in the
+        background ``AUTOSAVE_MS`` after a stroke)."""
+        self._save_timer.stop()
+        session = self.session
+        if session is None:
+            return ann.Saved()
+        session.wait()
+        self._reap()
+        try:
+            saved = session.flush(*self._layer_data(), round=self.round,
+                                  merged_round=self._merged_round())
+        except (SslSegError, ValueError) as err:
+            self._message(f"Could not save the last strokes: {err}", "error")
+            return ann.Saved()
+        self._show_saved(saved, self.round)
+        return saved
+
+    @property
+    def is_saved(self) -> bool:
+        """True when every stroke is written to the project and shown."""
+        return self.session is None or not (self.session.pending or self._saving)
+
+    def _layer_data(self):
+        return (None if self.annotation_layer is None else self.annotation_layer.data,
+                None if self.pseudo_layer is None else self.pseudo_layer.data)
+
+    def _merged_round(self) -> int | None:
+        return self.round if self.pseudo_layer is not None else None
+
+    def _show_saved(self, saved: ann.Saved, r: int) -> None:
+        if saved.merged and self.pseudo_layer is not None and r == self.round:
+            # An annotated slice shows its human labels in the merged layer too.
+            for region, labels in saved.merged:
+                self.pseudo_layer.data[region] = labels
+            self.pseudo_layer.refresh()
+        if saved.edits:
+            self._update_slice_info()
+
+    def current_slice(self) -> int:
+        """Index of the displayed slice along the project axis."""
+        axis = self.project.axis if self.project is not None else 0
+        layer = self.image_layer or self.image_layer_choice()
+        world = self.viewer.dims.ndim - 3 + axis
+        scale = layer.scale[axis] if layer is not None else 1.0
+        translate = layer.translate[axis] if layer is not None else 0.0
+        i = round((self.viewer.dims.point[world] - translate) / scale)
+        n = self.project.n_slices if self.project is not None else 1
+        return int(min(max(i, 0), n - 1))
+
+    def go_to_slice(self, i: int) -> None:
+        axis = self.project.axis
+        layer = self.image_layer
+        world = self.viewer.dims.ndim - 3 + axis
+        self.viewer.dims.set_point(world, layer.translate[axis] + int(i) * layer.scale[axis])
+
+    def toggle_slice_mark(self, i: int | None = None) -> None:
+        """Mark slice ``i`` (default: current) as annotated (background where unpainted),
+        or unmark it when it is annotated."""
+        if not self._require_project():
+            return
+        self.flush()
+        i = self.current_slice() if i is None else int(i)
+        try:
+            if i in self.session.annotated:
+                self.session.unmark(i)
+                region = self.session.slice_region(i)
+                self.annotation_layer.data[region] = 0
+                self.annotation_layer.refresh()
+                self._message(f"Slice {i} is no longer annotated.")
+            else:
+                self.session.mark_annotated(i, self.annotation_layer.data)
+                self._message(f"Slice {i} is annotated (unpainted voxels are background).")
+            if self.pseudo_layer is not None:
+                region = self.session.slice_region(i)
+                self.pseudo_layer.data[region] = self.project.merged_labels(self.round, region)
+                self.pseudo_layer.refresh()
+        except (SslSegError, ValueError) as err:
+            self._message(str(err), "error")
+        self._update_slice_info()
+
+    def accept_slice(self, i: int | None = None) -> None:
+        """Record the whole slice ``i`` (default: current) of the pseudo-labels as
+        human-verified corrections."""
+        if not self._require_project():
+            return
+        if self.pseudo_layer is None:
+            self._message("No pseudo-labels yet: train a round first.", "warning")
+            return
+        self.flush()
+        i = self.current_slice() if i is None else int(i)
+        try:
+            self.session.accept_slice(i, self.pseudo_layer.data, round=self.round)
+        except (SslSegError, ValueError) as err:
+            self._message(str(err), "error")
+            return
+        self._message(f"Slice {i} accepted as correct (round {self.round}).")
+        self._update_slice_info()
+
+    def _update_slice_info(self, event=None) -> None:
+        if self.session is None:
+            return
+        annotated, corrected = self.session.annotated, self.session.corrected
+        self.annotated_label.setText(
+            f"Annotated slices ({len(annotated)}): {ann.format_slices(annotated) or '–'}")
+        self.corrected_label.setText(
+            f"Corrected slices ({len(corrected)}): {ann.format_slices(corrected) or '–'}")
+        i = self.current_slice()
+        state = ["annotated" if i in annotated else "not annotated"]
+        if i in corrected:
+            state.append("corrected")
+        self.slice_label.setText(f"Slice {i} of {self.project.n_slices}: {', '.join(state)}")
+        self.mark_button.setText("Unmark slice" if i in annotated else "Mark slice as background")
+
+    # ============================================================ training
+    def train(self) -> bool:
+        """Start a round (Retrain once one exists) in a child process. True if started."""
+        if not self._require_project():
+            return False
+        if self.job is not None:
+            return self._message("A round is still running: Stop it first.", "warning")
+        self.flush()
+        try:
+            self.session.check_trainable()
+            config = ann.build_config(self.settings)
+            job = TrainingJob(self.project.path, config)
+        except (SslSegError, ValueError, TypeError) as err:
+            return self._message(str(err), "warning")
+        job.start()
+        self.job, self._job_box[:] = job, [job]
+        # napari asks before closing a window with a busy task, then cancels it.
+        self._task = _register_task(self.viewer, f"training round {self.project.latest_round + 1}",
+                                    cancel=lambda: job.shutdown(STOP_TIMEOUT_S))
+        self._phase = ""
+        self.loss_plot.clear()
+        self.progress_bar.setRange(0, 0)  # busy until the child reports
+        self.time_label.setText("starting the training process…")
+        self._progress = progress(total=config.iterations,
+                                  desc=f"SSL Seg: round {self.project.latest_round + 1}")
+        self._set_busy(True)
+        self._poll_timer.start()
+        return self._message(f"Training round {self.project.latest_round + 1} "
+                             f"({config.method}, {config.iterations} iterations)…")
+
+    def stop(self) -> None:
+        """Stop at the next iteration; the round is still predicted and saved."""
+        if self.job is not None and not self.job.finished:
+            self.job.stop()
+            self.stop_button.setEnabled(False)
+            self._message("Stopping after this iteration; the round will still be saved.")
+
+    def _poll(self) -> None:
+        job = self.job
+        if job is None:
+            self._poll_timer.stop()
+            return
+        for kind, payload in job.poll():
+            if kind == "progress":
+                self._show_progress(payload)
+            elif kind == "done":
+                self._round_done(payload)
+            else:
+                self._round_failed(payload)
+        if job.finished and not job.is_running:
+            job.join(0)
+            _update_task(self.viewer, self._task, "FAILED" if job.error else "COMPLETED")
+            self._task = None
+            self.job, self._job_box[:] = None, []
+            self._poll_timer.stop()
+            self._set_busy(False)
+
+    def _show_progress(self, report: dict) -> None:
+        phase, it, total = report["phase"], int(report["iteration"]), int(report["total"])
+        if phase != self._phase:
+            self._phase = phase
+            self.progress_bar.setRange(0, max(total, 1))
+            if self._progress is not None:
+                self._progress.set_description(f"SSL Seg: {PHASES.get(phase, phase)}")
+                self._progress.total = max(total, 1)
+                self._progress.n = 0
+        self.progress_bar.setValue(min(it, total))
+        self.progress_bar.setFormat(f"{PHASES.get(phase, phase)} %v/%m")
+        if self._progress is not None and it > self._progress.n:
+            self._progress.update(it - self._progress.n)
+        text = f"{_duration(report.get('elapsed', 0))} elapsed"
+        if report.get("remaining") is not None:
+            text += f" · ~{_duration(report['remaining'])} left"
+        self.time_label.setText(text)
+        if phase == "train" and "losses" in report:
+            self.loss_plot.add(report["losses"].get("loss", np.nan))
+
+    def _round_done(self, record: dict) -> None:
+        self._end_progress()
+        self.flush()  # strokes on the old round's layer belong to the old round
+        try:
+            self.project.refresh_final()
+            self._show_round(int(record["round"]))
+        except (SslSegError, ValueError, OSError) as err:
+            self._message(f"Round {record.get('round')} saved, but showing it failed: {err}",
+                          "error")
+            return
+        self._refresh_export_choices()
+        early = (f", stopped early after {record['iterations_done']} iterations"
+                 if record.get("stopped_early") else "")
+        self.progress_bar.setFormat(f"round {record['round']} done")
+        self._message(f"Round {record['round']} done ({record['seconds']:.0f} s{early}): "
+                      "correct its pseudo-labels, then Retrain.", notify=True)
+
+    def _round_failed(self, text: str) -> None:
+        self._end_progress()
+        log.error("napari-ssl-seg training failed:\n%s", text)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.progress_bar.setFormat("failed")
+        self.status_label.setToolTip(text)
+        self._message(f"Training failed: {error_summary(text)}", "error")
+
+    def _end_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+
+    def _set_busy(self, busy: bool) -> None:
+        has_project = self.session is not None
+        self.train_button.setEnabled(has_project and not busy)
+        self.stop_button.setEnabled(busy)
+        self.open_button.setEnabled(not busy)
+        for w in (self.mark_button, self.next_button, self.export_button):
+            w.setEnabled(has_project)
+        self.accept_button.setEnabled(has_project and self.round > 0)
+        self.train_button.setText(
+            f"Retrain (round {self.project.latest_round + 1})"
+            if has_project and self.project.latest_round else "Train")
+
+    # ============================================================== rounds
+    def _show_round(self, r: int) -> None:
+        """Show round ``r``: merged labels (human on top), editable; confidence image.
+
+        The round layers are reused when they exist (ours, or those our reader opened):
+        making napari layers costs about a second of GUI time, new data costs little.
+        """
+        from napari.layers import Image, Labels
+
+        project, image = self.project, self.image_layer
+        pseudo = self._round_layer(Labels, "pseudo-labels · round", self.pseudo_layer)
+        confidence = self._round_layer(Image, "confidence · round", self.confidence_layer)
+        self.round = r
+        merged = project.merged_labels(r)
+        common = {"scale": image.scale, "translate": image.translate,
+                  "metadata": {PROJECT_KEY: str(project.path)}}
+        if confidence is None:
+            confidence = self.viewer.add_image(
+                project.confidence(r), name=f"confidence · round {r}", colormap="magma",
+                contrast_limits=(0.0, 1.0), opacity=0.6, visible=False, **common)
+        else:
+            confidence.data = project.confidence(r)
+            confidence.name = f"confidence · round {r}"
+        if pseudo is None:
+            pseudo = self.viewer.add_labels(merged, name=f"pseudo-labels · round {r}", **common)
+        else:
+            self._unwatch(pseudo)
+            mode = pseudo.mode
+            pseudo.data = merged
+            pseudo.name = f"pseudo-labels · round {r}"
+            # Toggling ``editable`` clears napari's undo history (public API): an undo
+            # must not bring the previous round's labels back into this round's layer.
+            pseudo.editable = False
+            pseudo.editable = True
+            pseudo.mode = mode
+        layers = self.viewer.layers
+        for layer in (confidence, pseudo):  # image < confidence < pseudo < annotations
+            layers.move(layers.index(layer), layers.index(self.annotation_layer))
+        self.confidence_layer, self.pseudo_layer = confidence, pseudo
+        self._watch(pseudo, self.session.corrections)
+        self.viewer.layers.selection.active = pseudo  # the next strokes are corrections
+        self._uncertain = [int(s["slice"]) for s in project.round_record(r)["uncertain_slices"]]
+        self._uncertain_pos = -1
+        self.uncertain_list.clear()
+        for s in project.round_record(r)["uncertain_slices"]:
+            item = QListWidgetItem(f"slice {s['slice']}   uncertainty {s['uncertainty']:.3f}")
+            item.setData(Qt.ItemDataRole.UserRole, int(s["slice"]))
+            self.uncertain_list.addItem(item)
+        self.project_label.setText(
+            f"{project.path.name}: {' × '.join(map(str, project.shape))}, {r} round(s)")
+        self._set_busy(self.job is not None)
+
+    def _round_layer(self, kind, prefix: str, current):
+        """Our round layer of ``kind``, or one that our reader opened for this project."""
+        if current is not None and current in self.viewer.layers:
+            return current
+        path = str(self.project.path)
+        found = [layer for layer in self.viewer.layers if isinstance(layer, kind)
+                 and layer.name.startswith(prefix) and layer.metadata.get(PROJECT_KEY) == path]
+        return found[0] if found else None
+
+    def next_uncertain(self) -> int | None:
+        """Jump to the next of the least confident slices (cycling); returns it."""
+        if not self._uncertain:
+            self._message("No uncertain slices yet: train a round first.", "warning")
+            return None
+        self._uncertain_pos = (self._uncertain_pos + 1) % len(self._uncertain)
+        self.uncertain_list.setCurrentRow(self._uncertain_pos)
+        i = self._uncertain[self._uncertain_pos]
+        self.go_to_slice(i)
+        return i
+
+    def _jump_to_item(self, item) -> None:
+        self._uncertain_pos = self.uncertain_list.row(item)
+        self.go_to_slice(item.data(Qt.ItemDataRole.UserRole))
+
+    # ============================================================== export
+    def _refresh_export_choices(self) -> None:
+        self.export_combo.clear()
+        if self.project is None:
+            return
+        self.export_combo.addItem("merged, latest round", (None, True))
+        for rec in reversed(self.project.rounds()):
+            r = rec["round"]
+            self.export_combo.addItem(f"round {r}, merged", (r, True))
+            self.export_combo.addItem(f"round {r}, model only", (r, False))
+
+    def export(
+        self, path: str | Path, *, round: int | None = None, merged: bool = True
+    ) -> Path | None:
+        """Write the labels to ``path`` (tif, NIfTI or OME-Zarr by extension)."""
+        if not self._require_project():
+            return None
+        self.flush()
+        try:
+            written = ann.export_labels(self.project, path, round=round, merged=merged)
+        except (SslSegError, ValueError, OSError) as err:
+            self._message(f"Export failed: {err}", "error")
+            return None
+        self._message(f"Exported to {written}.")
+        return written
+
+    def _export_clicked(self) -> None:
+        if not self._require_project():
+            return
+        r, merged = self.export_combo.currentData() or (None, True)
+        fmt = self.format_combo.currentText()
+        stem = self.project.path.name.removesuffix(ann.PROJECT_SUFFIX).removesuffix(".zarr")
+        default = self.project.path.parent / f"{stem}_labels{fmt}"
+        path, _ = QFileDialog.getSaveFileName(self, "Export masks", str(default))
+        if path:
+            self.export(path, round=r, merged=merged)
+
+    # ============================================================ settings
+    def _apply_settings(self) -> None:
+        combos = (self.method_combo, self.preset_combo, self.device_combo, self.format_combo)
+        for combo in combos:
+            combo.blockSignals(True)
+        self._fill_methods()
+        self._fill_presets()
+        self.device_combo.setCurrentText(self.settings["device"])
+        self.format_combo.setCurrentText(self.settings["export_format"])
+        for combo in combos:
+            combo.blockSignals(False)
+
+    def _fill_methods(self) -> None:
+        """The method list, once the registry has loaded (torch and MONAI take seconds to
+        import, so that happens in a thread; until then only the chosen method is listed)."""
+        names = self._method_names[0] if self._method_names else None
+        if names is not None and self._names_timer.isActive():
+            self._names_timer.stop()
+        wanted = self.settings["method"]
+        if names is not None and wanted not in names:
+            fallback = ann.default_settings()["method"]
+            if self.session is not None:
+                self._message(f"Unknown method {wanted!r} in the saved settings; "
+                              f"using {fallback!r}.", "warning")
+            self.settings["method"] = wanted = fallback
+        blocked = self.method_combo.blockSignals(True)
+        self.method_combo.clear()
+        self.method_combo.addItems(names or [wanted])
+        self.method_combo.setCurrentText(wanted)
+        self.method_combo.blockSignals(blocked)
+
+    def _fill_presets(self) -> None:
+        """The budget presets, and "custom" while the overrides set the iterations."""
+        blocked = self.preset_combo.blockSignals(True)
+        self.preset_combo.clear()
+        for name, iterations in PRESETS.items():
+            self.preset_combo.addItem(f"{name} ({iterations} it.)", name)
+        custom = self.settings["overrides"].get("iterations")
+        if custom:
+            self.preset_combo.addItem(f"custom ({custom} it.)", "custom")
+            self.preset_combo.setCurrentIndex(self.preset_combo.count() - 1)
+        else:
+            self.preset_combo.setCurrentIndex(self.preset_combo.findData(self.settings["preset"]))
+        self.preset_combo.blockSignals(blocked)
+
+    def _choose_preset(self, name: str | None) -> None:
+        if name in (None, "custom"):
+            return
+        overrides = self.settings["overrides"]
+        if "iterations" in overrides:  # a preset replaces custom iterations
+            self.settings["overrides"] = {k: v for k, v in overrides.items() if k != "iterations"}
+            self._fill_presets()
+            self.preset_combo.setCurrentIndex(self.preset_combo.findData(name))
+        self.settings["preset"] = None  # force the save below
+        self._set_setting("preset", name)
+
+    def _set_setting(self, key: str, value) -> None:
+        if not value or self.settings.get(key) == value:
+            return
+        self.settings[key] = value
+        self.save_settings()
+
+    def set_overrides(self, **values) -> None:
+        """TrainConfig fields to use on top of method/preset/device (saved with the project)."""
+        settings = {**self.settings, "overrides": dict(values)}
+        ann.build_config(settings)  # fail now, with the field's name, if invalid
+        self.settings = settings
+        self._fill_presets()
+        self.save_settings()
+
+    def save_settings(self) -> None:
+        if self.project is not None:
+            ann.save_settings(self.project.path, self.settings)
+
+    # ========================================================= plumbing
+    def _refresh_layer_choices(self, event=None) -> None:
+        from napari.layers import Image, Labels
+
+        ours = {id(self.pseudo_layer)}
+        for combo, kind, extra in ((self.image_combo, Image, []),
+                                   (self.labels_combo, Labels, [NEW_LAYER])):
+            current = combo.currentText()
+            names = extra + [lay.name for lay in self.viewer.layers
+                             if isinstance(lay, kind) and id(lay) not in ours
+                             and not lay.name.startswith(("confidence · round",
+                                                          "pseudo-labels · round"))]
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(names)
+            if current in names:
+                combo.setCurrentText(current)
+            elif kind is Labels and "annotations" in names:
+                combo.setCurrentText("annotations")
+            combo.blockSignals(False)
+        if self.annotation_layer is not None and self.annotation_layer.name in self.viewer.layers:
+            self.labels_combo.setCurrentText(self.annotation_layer.name)
+
+    def _layer_removing(self, event) -> None:
+        layer = self.viewer.layers[event.index]
+        if layer is self.annotation_layer or layer is self.pseudo_layer:
+            self.flush()  # the data is still there: save the last strokes
+            self._unwatch(layer)
+            if layer is self.annotation_layer:
+                self.annotation_layer = None
+            else:
+                self.pseudo_layer = None
+        if layer is self.image_layer:
+            self.image_layer = None
+
+    def _require_project(self) -> bool:
+        if self.session is None or self.image_layer is None or self.annotation_layer is None:
+            self._message("Open a project first (Project ▸ Open / create project).", "warning")
+            return False
+        return True
+
+    def _message(self, text: str, level: str = "info", *, notify: bool | None = None) -> bool:
+        """Show ``text`` in the status line; warnings and errors (and ``notify``) also
+        as napari notifications. Returns True for "info" (a success)."""
+        self.status_label.setText(text)
+        if notify if notify is not None else level != "info":
+            {"info": show_info, "warning": show_warning, "error": show_error}[level](text)
+        return level == "info"
+
+    def _bind_keys(self) -> None:
+        ref = weakref.ref(self)
+
+        def handler(name):
+            def call(viewer):
+                widget = ref()
+                if widget is not None:
+                    getattr(widget, name)()
+            return call
+
+        for key, name in SHORTCUTS.items():
+            self._unbound[key] = self.viewer.bind_key(key, handler(name), overwrite=True)
+
+    def _unbind_keys(self) -> None:
+        for key, previous in self._unbound.items():
+            self.viewer.bind_key(key, previous, overwrite=True)
+        self._unbound = {}
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt name
+        self.shutdown()
+        super().closeEvent(event)
+
+    def shutdown(self) -> None:
+        """Save pending strokes and settings, stop a running round (kill it after
+        ``STOP_TIMEOUT_S``), release the viewer's shortcuts. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for timer in (self._save_timer, self._poll_timer, self._reap_timer, self._names_timer):
+            timer.stop()
+        try:
+            self.flush()
+            self.save_settings()
+            if self.session is not None:
+                self.session.close()
+        except Exception as err:  # noqa: BLE001 - closing must not fail
+            log.warning("napari-ssl-seg: could not save on close: %s", err)
+        if self.job is not None:
+            self.job.shutdown(STOP_TIMEOUT_S)
+            self.job, self._job_box[:] = None, []
+            _update_task(self.viewer, self._task, "CANCELLED")
+        self._end_progress()
+        self._unbind_keys()
+        for layer in (self.annotation_layer, self.pseudo_layer):
+            if layer is not None:
+                self._unwatch(layer)
+        for emitter, slot in ((self.viewer.layers.events.inserted, self._refresh_layer_choices),
+                              (self.viewer.layers.events.removed, self._refresh_layer_choices),
+                              (self.viewer.layers.events.removing, self._layer_removing),
+                              (self.viewer.dims.events.current_step, self._update_slice_info)):
+            emitter.disconnect(slot)
+
+
+# ================================================================ helpers
+def _register_task(viewer, description: str, *, cancel):
+    # napari (>= 0.6) keeps long-running tasks on the window (still private API): closing
+    # it then asks for confirmation and calls ``cancel``. Without it we still stop the
+    # child from ``destroyed``.
+    register = getattr(viewer.window, "_register_task_status", None)
+    if register is None:
+        return None
+    from napari.utils.task_status import Status
+
+    return register("napari-ssl-seg", Status.BUSY, description, cancel_callback=cancel)
+
+
+def _update_task(viewer, task, status: str) -> None:
+    update = getattr(viewer.window, "_update_task_status", None)
+    if task is None or update is None:
+        return
+    from napari.utils.task_status import Status
+
+    update(task, Status[status])
+
+
+def _load_method_names(out: list) -> None:
+    from napari_ssl_seg.methods import method_names
+
+    out.append(method_names())
+
+
+class _PaintRelay:
+    """Callable connected to ``events.paint``; kept so that it can be disconnected."""
+
+    def __init__(self, on_item) -> None:
+        self.on_item = on_item
+
+    def __call__(self, event) -> None:
+        self.on_item(event.value)
+
+
+def _watch_history(layer, on_item) -> None:
+    # napari (0.9) applies undo/redo without a paint event; wrap this layer's undo and
+    # redo (what the Ctrl-Z actions call) to report the item they replayed. The item
+    # they move to the other deque is the one applied.
+    undo, redo = layer.undo, layer.redo
+
+    def replay(method, after: str):
+        def call():
+            before = len(getattr(layer, "_" + after, ()))
+            method()
+            moved = getattr(layer, "_" + after, ())
+            if len(moved) > before or (moved and len(moved) == moved.maxlen):
+                on_item(moved[-1])
+        return call
+
+    layer.undo = replay(undo, "redo_history")
+    layer.redo = replay(redo, "undo_history")
+
+
+def _combo() -> QComboBox:
+    combo = QComboBox()
+    # Shrink with the dock instead of growing to the longest entry.
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(8)
+    return combo
+
+
+def _wrapping_label(text: str, *, muted: bool = False) -> QLabel:
+    label = QLabel(text)
+    label.setWordWrap(True)
+    if muted:
+        label.setStyleSheet("color: gray;")
+    return label
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(float(seconds))))
+    return time.strftime("%M:%S" if seconds < 3600 else "%H:%M:%S", time.gmtime(seconds))

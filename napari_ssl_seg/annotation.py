@@ -1,0 +1,598 @@
+"""What the annotation widget does to a project, without Qt or napari.
+
+The widget (``_widget.py``) wires layers and buttons to these functions; everything that
+can be tested without a display lives here:
+
+* where a volume's project lives (:func:`default_project_path`, :func:`open_or_create`);
+* napari paint history items → touched regions (:func:`atom_region`, :class:`EditBuffer`);
+* human edits written to the project (:class:`AnnotationSession`);
+* widget settings kept in the project (:func:`load_settings`, :func:`save_settings`,
+  :func:`build_config`);
+* export of the result (:func:`export_labels`).
+
+Label contract: labels are non-negative integers; on annotated voxels 0 is background and
+1..K-1 are classes. Which voxels are annotated is recorded by the project, so a voxel
+nobody annotated is never taken for background.
+
+Undo: napari's Labels undo and redo write the layer without a paint event. The widget
+feeds the undone (or redone) history item to the same :class:`EditBuffer`; at the next
+flush those voxels are recorded again with the values they have then, i.e. the restored
+ones. The edit log therefore keeps both the stroke and its undoing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_ssl_seg.config import PRESETS, TrainConfig
+from napari_ssl_seg.errors import InvalidInputError
+from napari_ssl_seg.store import Edit, Project, _atomic_write_bytes
+
+__all__ = [
+    "DEVICES",
+    "AnnotationSession",
+    "EditBuffer",
+    "Saved",
+    "atom_region",
+    "build_config",
+    "default_project_path",
+    "export_labels",
+    "format_slices",
+    "load_settings",
+    "open_or_create",
+    "save_settings",
+]
+
+PROJECT_SUFFIX = ".ssl.zarr"
+SETTINGS_FILE = "widget.json"
+DEVICES = ("auto", "cpu", "cuda")
+EXPORT_FORMATS = (".tif", ".nii.gz", ".ome.zarr")
+_KNOWN_SUFFIXES = (".ssl.zarr", ".ome.zarr", ".ome.tiff", ".ome.tif", ".nii.gz", ".nii",
+                   ".tiff", ".tif", ".zarr")
+
+Region = tuple[slice, ...]
+
+
+# ----------------------------------------------------------------------- projects
+def default_project_path(
+    source: str | os.PathLike | None = None,
+    *,
+    name: str = "volume",
+    directory: str | os.PathLike | None = None,
+) -> Path:
+    """Where the project of a volume lives unless the user picks a place.
+
+    Parameters
+    ----------
+    source : path-like, optional
+        The file (or Zarr directory) the volume was read from. A project directory is its
+        own project; ``cells.tif`` gets ``cells.ssl.zarr`` beside it.
+    name : str
+        Layer name, used when there is no ``source`` (unsafe characters become ``_``).
+    directory : path-like, optional
+        Folder for volumes without a file: ``<directory>/<name>.ssl.zarr``.
+
+    Raises
+    ------
+    ValueError
+        Neither ``source`` nor ``directory`` given.
+    """
+    from napari_ssl_seg._reader import is_project
+
+    if source:
+        source = Path(source)
+        if is_project(source):
+            return source
+        lower = source.name.lower()
+        stem = next((source.name[: -len(s)] for s in _KNOWN_SUFFIXES if lower.endswith(s)),
+                    source.stem) or source.name
+        return source.with_name(stem + PROJECT_SUFFIX)
+    if directory is None:
+        raise ValueError(
+            "the volume has no file: pass directory= (the folder for its project), "
+            f"got source={source!r}"
+        )
+    safe = re.sub(r"[^\w.-]+", "_", str(name)).strip("._") or "volume"
+    return Path(directory) / (safe + PROJECT_SUFFIX)
+
+
+def open_or_create(
+    path: str | os.PathLike,
+    image,
+    *,
+    voxel_size: Sequence[float] | None = None,
+    source: str = "",
+    check_image: bool = True,
+) -> tuple[Project, bool]:
+    """Open the project at ``path``, or create it for ``image``; returns ``(project, created)``.
+
+    Parameters
+    ----------
+    image : (Z, Y, X) array-like
+        The volume. An existing project must have been made for it (same signature)
+        unless ``check_image`` is False (the image *is* the project's own array).
+
+    Raises
+    ------
+    ProjectError, SignatureMismatchError, InvalidInputError
+        As :meth:`Project.open` and :meth:`Project.create`; the messages name the path.
+    """
+    path = Path(path)
+    if path.exists():
+        return Project.open(path, image=image if check_image else None), False
+    return Project.create(path, image, voxel_size=voxel_size, source=source), True
+
+
+def import_annotations(
+    project: Project, labels, *, slices: Iterable[int] | None = None, source: str = "widget"
+) -> list[int]:
+    """Annotate the slices of ``labels`` that are not annotated in ``project`` yet.
+
+    For a Labels layer painted before its project existed (the bundled sample ships
+    one).
+
+    Parameters
+    ----------
+    labels : (Z, Y, X) integer array
+        The project's shape. Label contract above.
+    slices : iterable of int, optional
+        The slices that count as annotated, empty ones included (default: those holding
+        any label; an annotated empty slice cannot be told from an unannotated one).
+
+    Returns
+    -------
+    list of int
+        The slices imported.
+    """
+    from napari_ssl_seg.labels import check_labels, labelled_slices
+
+    check_labels(labels, shape=project.shape, name="annotation layer")
+    known = set(project.annotated_slices())
+    if slices is None:
+        slices = labelled_slices(np.asarray(labels), project.axis)
+    slices = sorted({int(i) for i in slices})
+    bad = [i for i in slices if not 0 <= i < project.n_slices]
+    if bad:
+        raise InvalidInputError(f"slices {bad} are outside 0..{project.n_slices - 1}")
+    new = [i for i in slices if i not in known]
+    if new:
+        project.annotate_slices(labels, new, source=source)
+    return new
+
+
+# -------------------------------------------------------------- paint → regions
+def atom_region(atom: Any, shape: Sequence[int]) -> tuple[Region, np.ndarray] | None:
+    """Bounding box and mask of the voxels one napari paint-history atom changed.
+
+    napari writes three kinds of atoms into a Labels history item:
+
+    * a masked atom (napari >= 0.9, brush/fill/polygon) with ``slice_key`` (the box)
+      and ``mask`` (changed voxels, or None when the whole box changed);
+    * ``(tuple of slices, old box, new box)`` (brush in napari 0.5-0.8);
+    * ``(tuple of coordinate arrays, old values, new values)`` (``data_setitem``).
+
+    Parameters
+    ----------
+    atom : one of the above
+    shape : sequence of int
+        The layer's data shape.
+
+    Returns
+    -------
+    (region, mask) or None
+        ``region`` is a tuple of slices with explicit bounds, ``mask`` a bool array of
+        the region's shape; None when the atom changed nothing.
+    """
+    shape = tuple(int(n) for n in shape)
+    if hasattr(atom, "slice_key"):
+        region = _bounded(atom.slice_key, shape)
+        box = tuple(s.stop - s.start for s in region)
+        mask = np.ones(box, bool) if atom.mask is None else np.asarray(atom.mask, bool)
+        return _checked(region, mask.reshape(box))
+    index, old, new = atom
+    if isinstance(index, tuple) and all(isinstance(s, slice) for s in index):
+        region = _bounded(index, shape)
+        box = tuple(s.stop - s.start for s in region)
+        old, new = np.asarray(old), np.asarray(new)
+        mask = (old != new) if old.shape == box and new.shape == box else np.ones(box, bool)
+        return _checked(region, mask)
+    coords = np.broadcast_arrays(*(np.atleast_1d(np.asarray(c, np.int64)) for c in index))
+    if len(coords) != len(shape):
+        raise ValueError(f"paint atom has {len(coords)} index arrays for data of {len(shape)}D")
+    coords = [c.ravel() % n for c, n in zip(coords, shape, strict=True)]
+    if coords[0].size == 0:
+        return None
+    lo = [int(c.min()) for c in coords]
+    region = tuple(slice(a, int(c.max()) + 1) for a, c in zip(lo, coords, strict=True))
+    mask = np.zeros(tuple(s.stop - s.start for s in region), bool)
+    mask[tuple(c - a for c, a in zip(coords, lo, strict=True))] = True
+    return region, mask
+
+
+def _bounded(index: Sequence[slice], shape: tuple[int, ...]) -> Region:
+    out = []
+    for s, n in zip(index, shape, strict=True):
+        start, stop, _ = s.indices(n) if isinstance(s, slice) else (int(s), int(s) + 1, 1)
+        out.append(slice(start, max(start, stop)))
+    return tuple(out)
+
+
+def _checked(region: Region, mask: np.ndarray) -> tuple[Region, np.ndarray] | None:
+    return (region, mask) if mask.size and mask.any() else None
+
+
+class EditBuffer:
+    """Paint-history items waiting to be written, merged into few boxes at :meth:`take`.
+
+    Adding is cheap (the atom's box and mask only, never the volume); touching boxes are
+    merged when taken, so a flush writes one edit per painted area rather than one per
+    brush dab, and never the whole volume.
+    """
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        self.shape = tuple(int(n) for n in shape)
+        self._boxes: list[tuple[Region, np.ndarray]] = []
+
+    def add(self, item: Iterable[Any]) -> None:
+        """Add one history item (a list of atoms, as in ``Labels.events.paint``)."""
+        for atom in item:
+            box = atom_region(atom, self.shape)
+            if box is not None:
+                self._boxes.append(box)
+
+    def __len__(self) -> int:
+        return len(self._boxes)
+
+    def take(self) -> list[tuple[Region, np.ndarray]]:
+        """The pending regions (touching boxes merged) and masks; empties the buffer."""
+        boxes, self._boxes = self._boxes, []
+        merged = True
+        while merged and len(boxes) > 1:
+            merged, out = False, []
+            for box in boxes:
+                for k, other in enumerate(out):
+                    if _touch(box[0], other[0]):
+                        out[k], merged = _union(other, box), True
+                        break
+                else:
+                    out.append(box)
+            boxes = out
+        return boxes
+
+
+def _touch(a: Region, b: Region) -> bool:
+    return all(x.start <= y.stop and y.start <= x.stop for x, y in zip(a, b, strict=True))
+
+
+def _union(a: tuple[Region, np.ndarray], b: tuple[Region, np.ndarray]):
+    region = tuple(slice(min(x.start, y.start), max(x.stop, y.stop))
+                   for x, y in zip(a[0], b[0], strict=True))
+    mask = np.zeros(tuple(s.stop - s.start for s in region), bool)
+    for box, part in (a, b):
+        mask[tuple(slice(s.start - r.start, s.stop - r.start)
+                   for s, r in zip(box, region, strict=True))] |= part
+    return region, mask
+
+
+# ------------------------------------------------------------------------ session
+@dataclass
+class Saved:
+    """What one flush wrote.
+
+    Attributes
+    ----------
+    edits : list of Edit
+        The logged edits, in order.
+    merged : list of (region, ndarray)
+        For every slice an annotation edit touched (whole slices along the project
+        axis): the merged labels there, human labels on top of round ``merged_round``,
+        so that a merged-labels layer can show them. Empty without ``merged_round``.
+    """
+
+    edits: list[Edit] = field(default_factory=list)
+    merged: list[tuple[Region, np.ndarray]] = field(default_factory=list)
+
+
+class AnnotationSession:
+    """The human side of a project: buffered strokes, slice marks, accepted slices.
+
+    Parameters
+    ----------
+    project : Project
+        Opened by the process that owns the human edits (``recover=True``).
+    source : str
+        Provenance written with every edit.
+    background : bool
+        Give :meth:`flush_async` a writer thread. Every write goes through that one
+        thread or waits for it, so edits keep their order and ids.
+
+    Attributes
+    ----------
+    annotations, corrections : EditBuffer
+        Strokes on the annotation layer and on the pseudo-label layer, not yet written.
+    """
+
+    def __init__(self, project: Project, *, source: str = "widget",
+                 background: bool = False) -> None:
+        self.project = project
+        self.source = source
+        self.annotations = EditBuffer(project.shape)
+        self.corrections = EditBuffer(project.shape)
+        self._lock = threading.Lock()
+        self._annotated: set[int] = set(project.annotated_slices())
+        self._corrected: set[int] = set(project.corrected_slices())
+        self._writer = (ThreadPoolExecutor(1, thread_name_prefix="napari-ssl-seg-writer")
+                        if background else None)
+
+    @property
+    def annotated(self) -> frozenset[int]:
+        """Slices (along the project axis) holding annotated voxels, as written so far."""
+        with self._lock:
+            return frozenset(self._annotated)
+
+    @property
+    def corrected(self) -> frozenset[int]:
+        """Slices holding human-corrected voxels, as written so far."""
+        with self._lock:
+            return frozenset(self._corrected)
+
+    @property
+    def pending(self) -> bool:
+        """True while strokes wait in a buffer (not counting background writes)."""
+        return bool(len(self.annotations) or len(self.corrections))
+
+    @property
+    def has_human_labels(self) -> bool:
+        with self._lock:
+            return bool(self._annotated or self._corrected)
+
+    # ---------------------------------------------------------------- strokes
+    def flush(self, annotation_data=None, correction_data=None, *, round: int = 0,
+              merged_round: int | None = None) -> Saved:
+        """Write the buffered strokes now; corrections first, annotations second.
+
+        Parameters
+        ----------
+        annotation_data, correction_data : (Z, Y, X) integer ndarray, optional
+            The layers' data: only the touched boxes are read. Label contract above.
+            A buffer whose data is None is left pending.
+        round : int
+            The round the corrected pseudo-labels came from (>= 1 when corrections are
+            pending).
+        merged_round : int, optional
+            Return the merged labels of annotated slices against this round.
+
+        Returns
+        -------
+        Saved
+            Annotation edits mark every touched slice as fully annotated.
+        """
+        self.wait()
+        return self._write(self._snapshot(annotation_data, correction_data), round, merged_round)
+
+    def flush_async(self, annotation_data=None, correction_data=None, *, round: int = 0,
+                    merged_round: int | None = None) -> Future:
+        """As :meth:`flush`, but write in the writer thread; returns a Future of Saved.
+
+        The touched boxes are copied now, so later strokes cannot leak into this write.
+        """
+        if self._writer is None:
+            raise RuntimeError("this AnnotationSession has no writer thread (background=False)")
+        return self._writer.submit(
+            self._write, self._snapshot(annotation_data, correction_data), round, merged_round)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until every background write submitted so far is done."""
+        if self._writer is not None:
+            self._writer.submit(lambda: None).result(timeout)
+
+    def close(self) -> None:
+        """Finish the background writes and stop the writer thread."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+
+    def _snapshot(self, annotation_data, correction_data) -> list[tuple]:
+        jobs = []
+        for kind, buffer, data in (("correction", self.corrections, correction_data),
+                                   ("annotation", self.annotations, annotation_data)):
+            if data is not None:
+                jobs += [(kind, region, np.array(data[region]), mask)
+                         for region, mask in buffer.take()]
+        return jobs
+
+    def _write(self, jobs: list[tuple], round: int, merged_round: int | None) -> Saved:
+        saved = Saved()
+        for kind, region, values, mask in jobs:
+            saved.edits.append(self.project.apply_edit(
+                kind, region, values, mask, round=round if kind == "correction" else 0,
+                source=self.source, whole_slices=kind == "annotation"))
+            rows = self._rows(region, mask)
+            with self._lock:
+                (self._annotated if kind == "annotation" else self._corrected).update(rows)
+            if kind == "annotation" and merged_round is not None:
+                whole = _whole_slices(region, self.project.shape, self.project.axis)
+                saved.merged.append((whole, self.project.merged_labels(merged_round, whole)))
+        return saved
+
+    # ----------------------------------------------------------- whole slices
+    def mark_annotated(self, i: int, annotation_data) -> Edit:
+        """Mark slice ``i`` as annotated as it is in ``annotation_data`` (an empty slice
+        becomes annotated background)."""
+        region = self.slice_region(i)
+        self.wait()
+        edit = self.project.apply_edit("annotation", region, np.asarray(annotation_data[region]),
+                                       source=self.source, whole_slices=True)
+        with self._lock:
+            self._annotated.add(int(i))
+        return edit
+
+    def unmark(self, i: int) -> Edit:
+        """Forget the annotation of slice ``i``: its voxels are "not annotated" again."""
+        region = self.slice_region(i)
+        self.wait()
+        edit = self.project.apply_edit("unannotation", region, source=self.source)
+        with self._lock:
+            self._annotated.discard(int(i))
+        return edit
+
+    def accept_slice(self, i: int, correction_data, *, round: int) -> Edit:
+        """Record all of slice ``i`` of ``correction_data`` as human-verified.
+
+        As :meth:`Project.correct_slices` for one slice, reading only that slice.
+        """
+        if round < 1:
+            raise InvalidInputError("no round to accept yet: train a round first")
+        region = self.slice_region(i)
+        self.wait()
+        edit = self.project.apply_edit("correction", region, np.asarray(correction_data[region]),
+                                       round=round, source=self.source)
+        with self._lock:
+            self._corrected.add(int(i))
+        return edit
+
+    def check_trainable(self) -> None:
+        """Raise InvalidInputError with a hint when nothing is annotated yet."""
+        if not self.has_human_labels:
+            raise InvalidInputError(
+                "no annotated slice yet: paint at least one slice, or mark an empty slice "
+                "as annotated background, then train"
+            )
+
+    def slice_region(self, i: int) -> Region:
+        """The region of slice ``i`` along the project axis."""
+        n = self.project.n_slices
+        if isinstance(i, bool) or not isinstance(i, int | np.integer) or not 0 <= i < n:
+            raise InvalidInputError(f"slice must be an integer in 0..{n - 1}, got {i!r}")
+        region = [slice(0, s) for s in self.project.shape]
+        region[self.project.axis] = slice(int(i), int(i) + 1)
+        return tuple(region)
+
+    def _rows(self, region: Region, mask: np.ndarray) -> list[int]:
+        axis = self.project.axis
+        other = tuple(a for a in range(3) if a != axis)
+        start = region[axis].start
+        return [start + int(k) for k in np.flatnonzero(mask.any(axis=other))]
+
+
+def _whole_slices(region: Region, shape: Sequence[int], axis: int) -> Region:
+    return tuple(r if a == axis else slice(0, n)
+                 for a, (r, n) in enumerate(zip(region, shape, strict=True)))
+
+
+# ----------------------------------------------------------------------- settings
+def default_settings() -> dict[str, Any]:
+    """Widget settings of a new project."""
+    return {"method": TrainConfig().method, "preset": "quick", "device": "auto",
+            "export_format": EXPORT_FORMATS[0], "overrides": {}}
+
+
+def load_settings(project_path: str | os.PathLike) -> dict[str, Any]:
+    """The widget settings saved in the project (defaults for anything missing or bad)."""
+    settings = default_settings()
+    path = Path(project_path) / "ssl_seg" / SETTINGS_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return settings
+    if not isinstance(saved, dict):
+        return settings
+    for key, value in saved.items():
+        if key in settings and _valid_setting(key, value):
+            settings[key] = value
+    return settings
+
+
+def save_settings(project_path: str | os.PathLike, settings: dict[str, Any]) -> Path:
+    """Write ``settings`` to ``<project>/ssl_seg/widget.json`` atomically.
+
+    Raises
+    ------
+    ValueError
+        An unknown key, or a value not allowed for its key (named in the message).
+    """
+    for key, value in settings.items():
+        if key not in default_settings():
+            raise ValueError(f"unknown setting {key!r}; allowed: {sorted(default_settings())}")
+        if not _valid_setting(key, value):
+            raise ValueError(f"setting {key!r} cannot be {value!r}")
+    path = Path(project_path) / "ssl_seg" / SETTINGS_FILE
+    _atomic_write_bytes(path, json.dumps(settings, indent=1, sort_keys=True).encode())
+    return path
+
+
+def _valid_setting(key: str, value: Any) -> bool:
+    if key == "method":
+        return isinstance(value, str) and bool(value)
+    if key == "preset":
+        return value in PRESETS
+    if key == "device":
+        return value in DEVICES
+    if key == "export_format":
+        return value in EXPORT_FORMATS
+    if key == "overrides":
+        if not isinstance(value, dict):
+            return False
+        try:
+            TrainConfig.from_dict(value)
+        except (InvalidInputError, TypeError):
+            return False
+        return True
+    return False
+
+
+def build_config(settings: dict[str, Any]) -> TrainConfig:
+    """The round's TrainConfig: method, preset iterations and device, then ``overrides``."""
+    values = {"method": settings["method"], "iterations": PRESETS[settings["preset"]],
+              "device": settings["device"]}
+    values.update(settings.get("overrides") or {})
+    return TrainConfig.from_dict(values)
+
+
+# ------------------------------------------------------------------------ export
+def export_labels(
+    project: Project, path: str | os.PathLike, *, round: int | None = None, merged: bool = True
+) -> Path:
+    """Write the result to ``path`` (tif, NIfTI or OME-Zarr, by extension) with the
+    project's voxel size.
+
+    Parameters
+    ----------
+    round : int, optional
+        Which round's pseudo-labels (default the latest; 0 or no round: human labels only).
+    merged : bool
+        True: corrections > annotations > pseudo-labels (label contract above; voxels
+        nobody labelled and no round covers are 0). False: the round's model output only.
+    """
+    from napari_ssl_seg.io import write_labels
+
+    r = project.latest_round if round is None else int(round)
+    if merged:
+        labels = project.merged_labels(r)
+    else:
+        if r < 1:
+            raise InvalidInputError("no round to export yet: train a round first")
+        labels = np.asarray(project.pseudo_labels(r)[...])
+    return write_labels(path, labels, voxel_size=project.voxel_size)
+
+
+def format_slices(slices: Iterable[int], *, limit: int = 12) -> str:
+    """``[3, 4, 5, 9]`` → ``"3-5, 9"``; at most ``limit`` runs, then ``…``."""
+    runs: list[list[int]] = []
+    for i in sorted(set(int(s) for s in slices)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    text = [f"{a}-{b}" if b > a else str(a) for a, b in runs[:limit]]
+    return ", ".join(text) + (", …" if len(runs) > limit else "")
