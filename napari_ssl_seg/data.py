@@ -29,14 +29,21 @@ from napari_ssl_seg.store import Project, iter_slabs
 
 
 def normalisation(image, axis: int = 0, *, max_samples: int = 2_000_000) -> tuple[float, float]:
-    """Robust intensity range (0.5 and 99.8 percentiles) from a strided sample of slices."""
+    """Robust intensity range (0.5 and 99.8 percentiles) of a strided voxel sample.
+
+    At most 32 slices spread through the volume are read, each subsampled in-plane, so
+    the sample covers the whole depth of a large volume without reading all of it.
+    """
     n = image.shape[axis]
-    plane = image.size // n if hasattr(image, "size") else int(np.prod(image.shape)) // n
-    step = max(1, int(n * plane // max_samples))
-    index = [slice(None)] * 3
-    index[axis] = slice(0, n, step)
-    sample = np.asarray(image[tuple(index)], np.float32)
-    lo, hi = np.percentile(sample, [0.5, 99.8])
+    picks = np.unique(np.linspace(0, n - 1, min(n, 32)).round().astype(int))
+    plane = int(np.prod(image.shape)) // n
+    stride = max(1, int(np.sqrt(len(picks) * plane / max_samples)))
+    parts = []
+    for i in picks:
+        index: list = [slice(None, None, stride)] * 3
+        index[axis] = int(i)
+        parts.append(np.asarray(image[tuple(index)], np.float32).ravel())
+    lo, hi = np.percentile(np.concatenate(parts), [0.5, 99.8])
     return float(lo), float(max(hi, lo + 1e-6))
 
 

@@ -192,7 +192,7 @@ def predict_into_round(
     mode: str,
     device: torch.device,
     background_bias: float = 0.0,
-    slices_per_batch: int = 8,
+    voxels_per_batch: int = 2**20,
 ) -> Iterator[dict]:
     """Predict every slice of the project into ``writer``; yields progress dicts.
 
@@ -202,7 +202,11 @@ def predict_into_round(
     """
     axis, n = project.axis, project.n_slices
     scores = np.full(n, np.nan, np.float64)
-    for start, stop in _slabs(n, n if mode == "3d" else slices_per_batch):
+    # Slices per batch so a batch holds about ``voxels_per_batch`` voxels: host memory stays
+    # flat from 256^2 to 2048^2 slices (large slices go one at a time, tiled).
+    plane = int(np.prod(project.shape)) // n
+    per_batch = n if mode == "3d" else max(1, min(32, voxels_per_batch // plane))
+    for start, stop in _slabs(n, per_batch):
         if mode == "3d":
             vol = np.moveaxis(normalise(project.image[...], norm), axis, 0)
             x = torch.from_numpy(vol)[None, None]
@@ -239,10 +243,19 @@ def _along(axis: int, start: int, stop: int) -> tuple[slice, ...]:
     return tuple(index)
 
 
-def rank_slices(scores: np.ndarray, top: int = 10) -> list[dict]:
+def rank_slices(scores: np.ndarray, top: int = 10, *, min_gap: int = 3) -> list[dict]:
     """The ``top`` least confident slices, most uncertain first, as dicts.
 
-    Slices fully labelled by humans (NaN score) are left out.
+    Slices fully labelled by humans (NaN score) are left out, and picks are at least
+    ``min_gap`` slices apart: neighbouring slices look alike, so correcting two of them
+    teaches little more than correcting one.
     """
-    order = [int(i) for i in np.argsort(-np.nan_to_num(scores, nan=-1.0)) if np.isfinite(scores[i])]
-    return [{"slice": i, "uncertainty": round(float(scores[i]), 6)} for i in order[:top]]
+    order = [int(i) for i in np.argsort(-np.nan_to_num(scores, nan=-1.0), kind="stable")
+             if np.isfinite(scores[i])]
+    picked: list[int] = []
+    for i in order:
+        if all(abs(i - j) >= min_gap for j in picked):
+            picked.append(i)
+        if len(picked) == top:
+            break
+    return [{"slice": i, "uncertainty": round(float(scores[i]), 6)} for i in picked]

@@ -75,4 +75,5 @@ def test_recalibration_averages_the_batches(tiny_config):
 
 def test_rank_slices_skips_fully_human_slices():
     scores = np.array([0.1, np.nan, 0.3, 0.2])
-    assert [r["slice"] for r in rank_slices(scores)] == [2, 3, 0]
+    assert [r["slice"] for r in rank_slices(scores, min_gap=1)] == [2, 3, 0]
+    assert [r["slice"] for r in rank_slices(scores)] == [2]
