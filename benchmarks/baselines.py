@@ -1,0 +1,216 @@
+"""Baselines the SSL methods are measured against: an ilastik-style random forest and Otsu.
+
+``random_forest_segment`` is the pixel classifier of ilastik / APOC: a random forest on
+generic per-pixel filter responses (smoothed intensity, edges, texture at several
+scales), trained on the annotated slices and applied to every slice. ``otsu_segment`` is
+the global threshold a user would try first. Both normalise the image as the engine does
+(:func:`napari_ssl_seg.data.normalisation`), so they see the same intensities.
+
+    python benchmarks/baselines.py                # both on the clean sample, 3 slices
+    python benchmarks/baselines.py --noisy --slices 1
+
+scikit-learn is needed (``pip install -e .[dev]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from napari_ssl_seg.data import normalisation, normalise
+
+
+def _check_image(image) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.dtype.kind not in "biuf":
+        raise ValueError(
+            "image must be a 3D numeric array (Z, Y, X), "
+            f"got shape {image.shape} and dtype {image.dtype}"
+        )
+    return image
+
+
+def slice_features(
+    plane: np.ndarray, *, sigma_min: float = 1.0, sigma_max: float = 16.0, workers: int = 1
+) -> np.ndarray:
+    """Per-pixel features of one normalised slice (ilastik's generic filter bank).
+
+    Parameters
+    ----------
+    plane : (Y, X) float32 ndarray
+
+    Returns
+    -------
+    (Y, X, F) float32 ndarray
+        Gaussian-smoothed intensity, gradient magnitude and Hessian eigenvalues at
+        ``log2(sigma_max / sigma_min) + 1`` scales (F = 20 for sigmas 1..16).
+    """
+    from skimage.feature import multiscale_basic_features
+
+    return multiscale_basic_features(
+        plane,
+        intensity=True,
+        edges=True,
+        texture=True,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        workers=workers,
+    ).astype(np.float32, copy=False)
+
+
+def stratified_sample(
+    labels: np.ndarray, n: int, rng: np.random.Generator, *, min_per_class: int = 100
+) -> np.ndarray:
+    """Indices of at most ``n`` pixels of ``labels`` (flat), each class in proportion.
+
+    A class keeps at least ``min(count, min_per_class)`` pixels, so a small class an
+    annotator painted on purpose is not lost.
+    """
+    labels = np.ravel(labels)
+    if labels.size <= n:
+        return np.arange(labels.size)
+    picks = []
+    classes, counts = np.unique(labels, return_counts=True)
+    for c, count in zip(classes, counts, strict=True):
+        take = min(count, max(int(round(n * count / labels.size)), min_per_class))
+        picks.append(rng.choice(np.flatnonzero(labels == c), size=take, replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+def random_forest_segment(
+    image,
+    labels,
+    annotated_slices: Sequence[int],
+    *,
+    n_estimators: int = 50,
+    n_jobs: int = 2,
+    seed: int = 0,
+    samples_per_slice: int = 20_000,
+    sigma_min: float = 1.0,
+    sigma_max: float = 16.0,
+) -> tuple[np.ndarray, float]:
+    """Segment ``image`` with a random forest trained on the annotated slices.
+
+    Parameters
+    ----------
+    image : (Z, Y, X) numeric ndarray
+        Slices along axis 0.
+    labels : (Z, Y, X) integer ndarray
+        Label contract: on annotated slices 0 is background and 1..K are classes; only
+        ``annotated_slices`` are read, so what the other slices hold does not matter.
+    annotated_slices : sequence of int
+        Indices along axis 0 (at least one).
+    n_estimators, n_jobs, seed
+        Of the ``RandomForestClassifier`` (``n_jobs`` also runs the filters in parallel).
+    samples_per_slice : int
+        Training pixels drawn per annotated slice, stratified by class.
+    sigma_min, sigma_max : float
+        Smallest and largest filter scale in pixels.
+
+    Returns
+    -------
+    labels : (Z, Y, X) uint8 ndarray
+        The predicted class of every voxel.
+    seconds : float
+        Wall time of normalisation, features, fitting and prediction.
+    """
+    from sklearn.ensemble import RandomForestClassifier
+
+    image = _check_image(image)
+    labels = np.asarray(labels)
+    if labels.shape != image.shape or labels.dtype.kind not in "biu":
+        raise ValueError(
+            f"labels must be integers of the image's shape {image.shape}, "
+            f"got shape {labels.shape} and dtype {labels.dtype}"
+        )
+    slices = [int(z) for z in annotated_slices]
+    if not slices or any(not 0 <= z < image.shape[0] for z in slices):
+        raise ValueError(
+            f"annotated_slices must be 1 or more indices in 0..{image.shape[0] - 1}, "
+            f"got {list(annotated_slices)}"
+        )
+    if n_estimators < 1 or samples_per_slice < 1:
+        raise ValueError(
+            f"n_estimators and samples_per_slice must be >= 1, got {n_estimators} "
+            f"and {samples_per_slice}"
+        )
+
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    volume = normalise(image, normalisation(image, 0))
+    features = dict(sigma_min=sigma_min, sigma_max=sigma_max, workers=n_jobs)
+    x_train, y_train = [], []
+    for z in slices:
+        f = slice_features(volume[z], **features)
+        pick = stratified_sample(labels[z], samples_per_slice, rng)
+        x_train.append(f.reshape(-1, f.shape[-1])[pick])
+        y_train.append(labels[z].ravel()[pick])
+    forest = RandomForestClassifier(n_estimators=n_estimators, n_jobs=n_jobs, random_state=seed)
+    forest.fit(np.concatenate(x_train), np.concatenate(y_train))
+    out = np.empty(image.shape, np.uint8)
+    for z in range(image.shape[0]):
+        f = slice_features(volume[z], **features)
+        out[z] = forest.predict(f.reshape(-1, f.shape[-1])).reshape(image.shape[1:])
+    return out, time.perf_counter() - started
+
+
+def otsu_segment(image, *, sigma: float = 1.0) -> tuple[np.ndarray, float]:
+    """Foreground where the blurred, normalised image exceeds its global Otsu threshold.
+
+    Parameters
+    ----------
+    image : (Z, Y, X) numeric ndarray
+    sigma : float
+        Of the 3D Gaussian blur applied first (0 = none).
+
+    Returns
+    -------
+    labels : (Z, Y, X) uint8 ndarray
+        1 = foreground, 0 = background.
+    seconds : float
+        Wall time.
+    """
+    from scipy.ndimage import gaussian_filter
+    from skimage.filters import threshold_otsu
+
+    image = _check_image(image)
+    if not sigma >= 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma!r}")
+    started = time.perf_counter()
+    volume = normalise(image, normalisation(image, 0))
+    if sigma > 0:
+        volume = gaussian_filter(volume, sigma)
+    out = (volume > threshold_otsu(volume)).astype(np.uint8)
+    return out, time.perf_counter() - started
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from _common import load_variant, unannotated_dice
+
+    from napari_ssl_seg._sample_data import quickstart_slices
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--noisy", action="store_true", help="the low-photon variant")
+    parser.add_argument("--slices", type=int, default=3, help="annotated slices (evenly spaced)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-jobs", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    image, truth = load_variant("noisy" if args.noisy else "clean", args.seed)
+    slices = quickstart_slices(args.slices)
+    rf, rf_seconds = random_forest_segment(
+        image, truth, slices, n_jobs=args.n_jobs, seed=args.seed
+    )
+    otsu, otsu_seconds = otsu_segment(image)
+    for name, pred, seconds in (("random forest", rf, rf_seconds), ("otsu", otsu, otsu_seconds)):
+        print(
+            f"{name:14s} Dice {unannotated_dice(pred, truth, slices):.4f} on the slices other "
+            f"than {slices}, {seconds:.1f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""Every method and the baselines on the sample: Dice, seconds per round, peak memory.
+
+For each variant of the bundled nuclei sample (``clean``; ``noisy``: the same volume with
+low-photon Poisson and read noise, seeded by the run's seed), each number of annotated
+slices (``quickstart_slices(n)``) and each seed, every method trains one round through
+the engine (a fresh project in a temporary directory, default settings unless
+``--iterations``) and the baselines run: ``random-forest`` (ilastik-style, see
+``baselines.py``) and ``otsu``. ``diffusion-no-stage1`` is ``diffusion`` with
+``pretrain_iterations=0``. Dice is scored on the slices no human annotated.
+
+Each job runs in its own child process, so its peak resident memory is its own
+(``ru_maxrss``, which includes the ~0.3-0.5 GB of Python, torch and MONAI). The full run,
+8 jobs at a time, each pinned to 2 cores (laptop-like timings on a 16-core machine):
+
+    python benchmarks/benchmark.py --jobs 8 --pin --tag full
+
+Writes ``benchmarks/results/benchmark-<tag>.json`` (every job) and ``.md`` (the table and
+the issue's targets that this run can check). A quick look:
+
+    python benchmarks/benchmark.py --iterations 3 --seeds 0 --slices 3 \\
+        --methods supervised,dtc --variants clean --tag smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from _common import (
+    VARIANTS,
+    command_line,
+    finish_worker,
+    load_variant,
+    machine_info,
+    machine_markdown,
+    mean_std,
+    replace_readme_section,
+    run_in_children,
+    start_worker,
+    unannotated_dice,
+    verdict,
+    worker_arguments,
+    write_results,
+)
+
+BASELINES = ("random-forest", "otsu")
+#: Extra rows that are a registered method with some settings changed.
+VARIANT_METHODS = {"diffusion-no-stage1": ("diffusion", {"pretrain_iterations": 0})}
+
+
+def all_methods() -> list[str]:
+    from napari_ssl_seg.methods import method_names
+
+    return [*method_names(), *VARIANT_METHODS, *BASELINES]
+
+
+# ---------------------------------------------------------------------- one job (child)
+def run_job(job: dict) -> dict:
+    """Train (or run a baseline) on one variant, slice count and seed; score it."""
+    from napari_ssl_seg._sample_data import quickstart_slices
+
+    image, truth = load_variant(job["variant"], job["seed"])
+    slices = quickstart_slices(job["slices"])
+    name = job["method"]
+    out = {**job, "annotated": slices}
+    if name == "random-forest":
+        from baselines import random_forest_segment
+
+        pred, seconds = random_forest_segment(
+            image, truth, slices, n_jobs=job["threads"] or 2, seed=job["seed"]
+        )
+    elif name == "otsu":
+        from baselines import otsu_segment
+
+        pred, seconds = otsu_segment(image)
+    else:
+        from napari_ssl_seg.config import TrainConfig
+        from napari_ssl_seg.engine import run_round
+        from napari_ssl_seg.store import Project
+
+        method, settings = VARIANT_METHODS.get(name, (name, {}))
+        values = {"iterations": job["iterations"]} if job["iterations"] else {}
+        config = TrainConfig(
+            method=method,
+            seed=job["seed"],
+            device=job["device"],
+            threads=job["threads"],
+            settings=settings,
+            **values,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            project = Project.create(Path(tmp) / "bench.zarr", image)
+            project.annotate_slices(truth, slices, source="benchmark")
+            record = run_round(project, config)
+            pred = np.asarray(project.pseudo_labels(record["round"])[...])
+        seconds = record["seconds"]
+        out.update(
+            train_seconds=record["train_seconds"],
+            iterations_done=record["iterations_done"],
+            torch_device=record["device"],
+        )
+    out.update(dice=round(unannotated_dice(pred, truth, slices), 5), seconds=round(seconds, 2))
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def cell(results: list[dict], **where) -> list[dict]:
+    return [r for r in results if "error" not in r and all(r[k] == v for k, v in where.items())]
+
+
+def dice_mean(results: list[dict], **where) -> float | None:
+    rows = cell(results, **where)
+    return float(np.mean([r["dice"] for r in rows])) if rows else None
+
+
+def table(
+    results: list[dict],
+    methods: Sequence[str],
+    variants: Sequence[str],
+    slices: Sequence[int],
+    default: str,
+) -> str:
+    """Markdown: rows = methods, columns = variant x slices (mean ± std Dice), s, MB."""
+    cols = [(v, n) for v in variants for n in slices]
+    head = ["method", *[f"{v}, {n} sl." for v, n in cols], "s / round", "peak MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        rows = cell(results, method=m)
+        label = f"{m} (default)" if m == default else m
+        dices = [
+            mean_std([r["dice"] for r in cell(results, method=m, variant=v, slices=n)])
+            for v, n in cols
+        ]
+        seconds = f"{np.mean([r['seconds'] for r in rows]):.1f}" if rows else "-"
+        peak = f"{max(r['peak_mb'] for r in rows):.0f}" if rows else "-"
+        lines.append("| " + " | ".join([label, *dices, seconds, peak]) + " |")
+    return "\n".join(lines)
+
+
+def check_targets(results: list[dict], default: str) -> list[str]:
+    """The issue's targets that this run measures, one PASS / FAIL / n/a line each."""
+    lines = []
+    d = dice_mean(results, method=default, variant="clean", slices=3)
+    lines.append(
+        f"{verdict(None if d is None else d >= 0.97)}: clean, 3 annotated slices, "
+        f"{default} Dice {_fmt(d)} >= 0.97"
+    )
+    d, rf = (
+        dice_mean(results, method=m, variant="noisy", slices=3) for m in (default, "random-forest")
+    )
+    ok = None if d is None or rf is None else d - rf >= 0.02
+    gap = "-" if ok is None else f"{100 * (d - rf):+.1f}"
+    lines.append(
+        f"{verdict(ok)}: noisy, 3 annotated slices, {default} {_fmt(d)} vs random forest "
+        f"{_fmt(rf)}: {gap} Dice points >= +2"
+    )
+    ssl = sorted({r["method"] for r in results} - {"supervised", *BASELINES})
+    for variant in VARIANTS:
+        for n in (1, 3):
+            sup = dice_mean(results, method="supervised", variant=variant, slices=n)
+            scores = {m: dice_mean(results, method=m, variant=variant, slices=n) for m in ssl}
+            scores = {m: s for m, s in scores.items() if s is not None}
+            best = max(scores, key=scores.get) if scores else None
+            ok = None if best is None or sup is None else scores[best] > sup
+            lines.append(
+                f"{verdict(ok)}: {variant}, {n} annotated slice(s), best SSL method "
+                f"{best or '-'} {_fmt(scores.get(best))} > supervised {_fmt(sup)}"
+            )
+    t, rf = (
+        cell(results, method=m, variant="clean", slices=3) for m in (default, "random-forest")
+    )
+    if t and rf:
+        ratio = np.mean([r["seconds"] for r in t]) / np.mean([r["seconds"] for r in rf])
+        lines.append(
+            f"{verdict(ratio <= 4)}: clean, 3 slices, an engine round of {default} takes "
+            f"{ratio:.1f}x the random forest's time (<= 4x; a proxy: round_time.py "
+            "times the whole CLI round)"
+        )
+    return lines
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def report(results: list[dict], args, info: dict, methods: Sequence[str], default: str) -> str:
+    failed = [r for r in results if "error" in r]
+    pinned = f", each pinned to {args.threads} cores" if args.pin else ""
+    setup = (
+        f"Mean ± std Dice over seeds {args.seeds} on the slices no human annotated; "
+        f"{args.iterations or 'default'} iterations; jobs side by side: {args.jobs}{pinned}; "
+        f"torch threads per job: {args.threads or 'all'}. Seconds per round include "
+        "loading, stage-1 pretraining where a method has one, training and predicting the "
+        "volume; peak MB is the job process's maximum resident memory (each job, the "
+        "baselines too, imports torch and MONAI: about 0.4 GB of it).\n"
+    )
+    text = [
+        "# Benchmark: every method on the nuclei sample\n",
+        machine_markdown(info, command_line()),
+        setup,
+        table(results, methods, args.variants, args.slices, default),
+        "\nTargets (issue #3) this run can check:\n",
+        *[f"- {line}" for line in check_targets(results, default)],
+    ]
+    if failed:
+        text += [
+            "\nFailed jobs:\n",
+            *[
+                f"- {r['method']} {r['variant']} {r['slices']} sl. "
+                f"seed {r['seed']}: {r['error'].splitlines()[-1]}"
+                for r in failed
+            ],
+        ]
+    return "\n".join(text) + "\n"
+
+
+# ------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ints = lambda text: [int(t) for t in text.split(",")]  # noqa: E731
+    words = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--methods", type=words, help="comma-separated (default: all, baselines included)"
+    )
+    parser.add_argument("--variants", type=words, default=list(VARIANTS))
+    parser.add_argument("--slices", type=ints, default=[1, 3, 5], help="annotated slice counts")
+    parser.add_argument("--seeds", type=ints, default=[0, 1, 2])
+    parser.add_argument(
+        "--iterations", type=int, help="training iterations (default: TrainConfig's)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device of the engine jobs")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (and RF jobs) per job"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="jobs run side by side")
+    parser.add_argument(
+        "--pin", action="store_true", help="pin each job to its own --threads cores"
+    )
+    parser.add_argument("--tag", default="local", help="results/benchmark-<tag>.json and .md")
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        help="also put the table between the "
+        "<!-- benchmark:start --> and <!-- benchmark:end --> lines of this file",
+    )
+    worker_arguments(parser)
+    args = parser.parse_args(argv)
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        parser.error(f"--variants: unknown {bad}; allowed: {list(VARIANTS)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        finish_worker(run_job(start_worker(args)))
+        return 0
+    from napari_ssl_seg.config import TrainConfig
+
+    methods = args.methods or all_methods()
+    unknown = sorted(set(methods) - set(all_methods()))
+    if unknown:
+        print(f"unknown method(s) {unknown}; available: {all_methods()}", file=sys.stderr)
+        return 2
+    default = TrainConfig().method
+    info = machine_info(args.device)
+    print(machine_markdown(info, command_line()))
+    jobs = [
+        {
+            "variant": v,
+            "slices": n,
+            "seed": s,
+            "method": m,
+            "iterations": args.iterations,
+            "device": args.device,
+            "threads": args.threads,
+        }
+        for v in args.variants
+        for n in args.slices
+        for s in args.seeds
+        for m in methods
+    ]
+    # The diffusion rows take several times longer than the others: start them first so
+    # that side-by-side jobs finish together.
+    jobs.sort(key=lambda job: not job["method"].startswith("diffusion"))
+    describe = lambda r: (  # noqa: E731
+        f"{r['method']:20s} {r['variant']} {r['slices']} sl. seed {r['seed']}: "
+        + (
+            f"Dice {r['dice']:.4f} {r['seconds']:6.1f} s {r['peak_mb']:5.0f} MB"
+            if "dice" in r
+            else ""
+        )
+    )
+    results = run_in_children(
+        Path(__file__),
+        jobs,
+        parallel=args.jobs,
+        pin=args.pin,
+        cores_per_job=args.threads,
+        describe=describe,
+    )
+    markdown = report(results, args, info, methods, default)
+    payload = {
+        "command": command_line(),
+        "machine": info,
+        "arguments": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("worker", "cores")
+        },
+        "default_method": default,
+        "results": results,
+    }
+    paths = write_results("benchmark", args.tag, payload, markdown)
+    if args.readme:
+        replace_readme_section(args.readme, "benchmark", markdown.split("\n", 2)[2])
+    print("\n" + markdown)
+    print("wrote " + ", ".join(map(str, paths)))
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
