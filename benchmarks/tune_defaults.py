@@ -21,8 +21,9 @@ import time
 import numpy as np
 import torch
 
+from napari_ssl_seg.cli import _parse_value as parse_value
 from napari_ssl_seg.config import TrainConfig
-from napari_ssl_seg.data import TwoStreamSampler, load_training_set, normalise, slice_stack
+from napari_ssl_seg.data import TwoStreamSampler, load_training_set, slice_stack
 from napari_ssl_seg.engine import _training_inputs, build_method, seed_everything
 from napari_ssl_seg.inference import (
     adjust_background,
@@ -30,6 +31,7 @@ from napari_ssl_seg.inference import (
     predict_probabilities,
     recalibrate_batchnorm,
 )
+from napari_ssl_seg.metrics import dice
 from napari_ssl_seg.store import Project
 
 
@@ -40,22 +42,6 @@ def load_sample(noisy: bool, seed: int = 0):
     if noisy:
         image = sd.noisy_nuclei(seed=seed)
     return image, truth, voxel_size
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    p, t = pred > 0, truth > 0
-    return float(2 * (p & t).sum() / max(1, p.sum() + t.sum()))
-
-
-def parse_value(text: str):
-    if "," in text:
-        return tuple(int(v) for v in text.split(","))
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def main(argv=None) -> None:
