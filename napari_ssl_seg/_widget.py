@@ -67,8 +67,13 @@ AUTOSAVE_MS = 700  # a crash loses at most the strokes of this window
 STOP_TIMEOUT_S = 5.0  # on close: wait this long for a stopped round, then kill it
 SHORTCUTS = {"n": "next_uncertain", "a": "accept_slice", "Shift-T": "train"}
 NEW_LAYER = "(new layer)"
-PHASES = {"load": "loading", "pretrain": "pretraining", "train": "training",
-          "predict": "predicting", "done": "saving"}
+PHASES = {
+    "load": "loading",
+    "pretrain": "pretraining",
+    "train": "training",
+    "predict": "predicting",
+    "done": "saving",
+}
 
 
 class LossPlot(QWidget):
@@ -105,10 +110,12 @@ class LossPlot(QWidget):
         top, height = rect.top() + 14, rect.height() - 16
         xs = rect.left() + np.linspace(0, rect.width(), len(values))
         ys = top + height * (1 - (values - lo) / span)
-        painter.drawText(rect.adjusted(4, 0, -4, 0), Qt.AlignmentFlag.AlignLeft,
-                         f"loss {self.values[-1]:.3f}")
-        painter.drawText(rect.adjusted(4, 0, -4, 0), Qt.AlignmentFlag.AlignRight,
-                         f"{lo:.3f} – {hi:.3f}")
+        painter.drawText(
+            rect.adjusted(4, 0, -4, 0), Qt.AlignmentFlag.AlignLeft, f"loss {self.values[-1]:.3f}"
+        )
+        painter.drawText(
+            rect.adjusted(4, 0, -4, 0), Qt.AlignmentFlag.AlignRight, f"{lo:.3f} – {hi:.3f}"
+        )
         painter.setPen(QPen(QColor(90, 180, 255), 1.5))
         painter.drawPolyline(QPolygonF([QPointF(x, y) for x, y in zip(xs, ys, strict=True)]))
 
@@ -145,8 +152,12 @@ class SslSegWidget(QWidget):
         self._closed = False
         self._build()
         self._method_names: list = []  # filled by a thread: [names]
-        threading.Thread(target=_load_method_names, args=(self._method_names,),
-                         daemon=True, name="napari-ssl-seg methods").start()
+        threading.Thread(
+            target=_load_method_names,
+            args=(self._method_names,),
+            daemon=True,
+            name="napari-ssl-seg methods",
+        ).start()
         self._names_timer = QTimer(self, interval=200)
         self._names_timer.timeout.connect(lambda: self._method_names and self._fill_methods())
         self._names_timer.start()
@@ -176,8 +187,13 @@ class SslSegWidget(QWidget):
         inner = QWidget()
         column = QVBoxLayout(inner)
         column.setContentsMargins(4, 4, 4, 4)
-        for build in (self._build_project, self._build_annotate, self._build_train,
-                      self._build_review, self._build_export):
+        for build in (
+            self._build_project,
+            self._build_annotate,
+            self._build_train,
+            self._build_review,
+            self._build_export,
+        ):
             column.addWidget(build())
         self.status_label = _wrapping_label("")
         column.addWidget(self.status_label)
@@ -197,14 +213,17 @@ class SslSegWidget(QWidget):
         self.image_combo = _combo()
         self.labels_combo = _combo()
         self.path_edit = QLineEdit(placeholderText="<image>.ssl.zarr beside its file")
-        self.path_edit.setToolTip("The project directory; empty: <image name>.ssl.zarr "
-                                  "beside the image file (or a folder you choose)")
+        self.path_edit.setToolTip(
+            "The project directory; empty: <image name>.ssl.zarr "
+            "beside the image file (or a folder you choose)"
+        )
         browse = QPushButton("Browse…", clicked=self._browse_project)
         row = QHBoxLayout()
         row.addWidget(self.path_edit, 1)
         row.addWidget(browse)
-        self.open_button = QPushButton("Open / create project",
-                                       clicked=lambda: self.open_project())
+        self.open_button = QPushButton(
+            "Open / create project", clicked=lambda: self.open_project()
+        )
         self.project_label = _wrapping_label("No project open.")
         form.addRow("Image", self.image_combo)
         form.addRow("Annotations", self.labels_combo)
@@ -216,15 +235,20 @@ class SslSegWidget(QWidget):
     def _build_annotate(self) -> QGroupBox:
         group = QGroupBox("Annotate")
         lay = QVBoxLayout(group)
-        lay.addWidget(_wrapping_label(
-            "A painted slice counts as fully annotated: unpainted voxels are background.",
-            muted=True))
+        lay.addWidget(
+            _wrapping_label(
+                "A painted slice counts as fully annotated: unpainted voxels are background.",
+                muted=True,
+            )
+        )
         self.annotated_label = _wrapping_label("Annotated slices: –")
         self.corrected_label = _wrapping_label("Corrected slices: –")
         self.slice_label = _wrapping_label("Slice –")
         self.mark_button = QPushButton("Mark slice as background", clicked=self.toggle_slice_mark)
-        self.mark_button.setToolTip("Count the current slice as annotated even if it is "
-                                    "empty (all background), or forget its annotation")
+        self.mark_button.setToolTip(
+            "Count the current slice as annotated even if it is "
+            "empty (all background), or forget its annotation"
+        )
         for w in (self.annotated_label, self.corrected_label, self.slice_label, self.mark_button):
             lay.addWidget(w)
         return group
@@ -255,7 +279,8 @@ class SslSegWidget(QWidget):
         self._fill_presets()
         self.method_combo.currentTextChanged.connect(lambda v: self._set_setting("method", v))
         self.preset_combo.currentIndexChanged.connect(
-            lambda _: self._choose_preset(self.preset_combo.currentData()))
+            lambda _: self._choose_preset(self.preset_combo.currentData())
+        )
         self.device_combo.currentTextChanged.connect(lambda v: self._set_setting("device", v))
         return group
 
@@ -269,8 +294,9 @@ class SslSegWidget(QWidget):
         row = QHBoxLayout()
         self.next_button = QPushButton("Next uncertain (N)", clicked=lambda: self.next_uncertain())
         self.accept_button = QPushButton("Accept slice (A)", clicked=lambda: self.accept_slice())
-        self.accept_button.setToolTip("Record the whole current slice of the pseudo-labels "
-                                      "as human-verified")
+        self.accept_button.setToolTip(
+            "Record the whole current slice of the pseudo-labels as human-verified"
+        )
         row.addWidget(self.next_button, 1)
         row.addWidget(self.accept_button, 1)
         lay.addWidget(self.uncertain_list)
@@ -288,7 +314,8 @@ class SslSegWidget(QWidget):
         form.addRow("Format", self.format_combo)
         form.addRow(self.export_button)
         self.format_combo.currentTextChanged.connect(
-            lambda v: self._set_setting("export_format", v))
+            lambda v: self._set_setting("export_format", v)
+        )
         return group
 
     # ============================================================== project
@@ -312,8 +339,11 @@ class SslSegWidget(QWidget):
         if image is None:
             return self._message("Open a 3D image first (File ▸ Open, or a sample).", "warning")
         if image.ndim != 3 or getattr(image, "rgb", False) or image.multiscale:
-            return self._message(f"Layer '{image.name}' has shape {image.data.shape}: "
-                                 "need a single-scale 3D (Z, Y, X) volume.", "warning")
+            return self._message(
+                f"Layer '{image.name}' has shape {image.data.shape}: "
+                "need a single-scale 3D (Z, Y, X) volume.",
+                "warning",
+            )
         own = image.metadata.get(PROJECT_KEY)
         path = path or self.path_edit.text().strip() or own or self._default_path(image)
         if not path:
@@ -323,16 +353,26 @@ class SslSegWidget(QWidget):
             return self._message(
                 f"Layer '{labels.name}' has shape {tuple(labels.data.shape)}, but the image "
                 f"'{image.name}' has {tuple(image.data.shape)}: pick another annotation layer "
-                f"or '{NEW_LAYER}'.", "warning")
+                f"or '{NEW_LAYER}'.",
+                "warning",
+            )
         self._close_project()
         try:
             scale = tuple(float(s) for s in image.scale)
             project, created = ann.open_or_create(
-                path, image.data, voxel_size=None if scale == (1.0,) * 3 else scale,
+                path,
+                image.data,
+                voxel_size=None if scale == (1.0,) * 3 else scale,
                 source=str(self._source_path(image) or image.name),
-                check_image=own is None or Path(own) != Path(path))
-            imported = [] if labels is None else ann.import_annotations(
-                project, labels.data, slices=labels.metadata.get(ANNOTATED_SLICES_KEY))
+                check_image=own is None or Path(own) != Path(path),
+            )
+            imported = (
+                []
+                if labels is None
+                else ann.import_annotations(
+                    project, labels.data, slices=labels.metadata.get(ANNOTATED_SLICES_KEY)
+                )
+            )
         except (SslSegError, ValueError, OSError) as err:
             return self._message(f"Cannot open the project: {err}", "error")
         self.session = ann.AnnotationSession(project, background=True)
@@ -350,7 +390,8 @@ class SslSegWidget(QWidget):
         extra = f"; imported annotated slices {ann.format_slices(imported)}" if imported else ""
         self.project_label.setText(
             f"{project.path.name}: {' × '.join(map(str, project.shape))}, "
-            f"{project.latest_round} round(s)")
+            f"{project.latest_round} round(s)"
+        )
         return self._message(f"{what} {project.path}{extra}.")
 
     def _default_path(self, image) -> str:
@@ -358,21 +399,24 @@ class SslSegWidget(QWidget):
         if source:
             return str(ann.default_project_path(source))
         folder = QFileDialog.getExistingDirectory(
-            self, f"Folder for the project of '{image.name}'")
+            self, f"Folder for the project of '{image.name}'"
+        )
         return str(ann.default_project_path(name=image.name, directory=folder)) if folder else ""
 
     @staticmethod
     def _source_path(layer) -> str | None:
-        return (getattr(layer.source, "path", None)
-                or layer.metadata.get("napari_ssl_seg_source"))
+        return getattr(layer.source, "path", None) or layer.metadata.get("napari_ssl_seg_source")
 
     def _browse_project(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Project, or the folder to create it in")
         if folder:
             image = self.image_layer_choice()
             name = image.name if image is not None else "volume"
-            path = folder if is_project(folder) else ann.default_project_path(
-                name=name, directory=folder)
+            path = (
+                folder
+                if is_project(folder)
+                else ann.default_project_path(name=name, directory=folder)
+            )
             self.path_edit.setText(str(path))
 
     def _labels_choice(self):
@@ -382,8 +426,9 @@ class SslSegWidget(QWidget):
     def _attach_annotation_layer(self, labels, image) -> None:
         data = np.asarray(self.project.annotations[...])
         if labels is None:
-            labels = self.viewer.add_labels(data, name="annotations", scale=image.scale,
-                                            translate=image.translate)
+            labels = self.viewer.add_labels(
+                data, name="annotations", scale=image.scale, translate=image.translate
+            )
         else:
             labels.data = data  # the project's annotations (imported ones included)
         labels.metadata[PROJECT_KEY] = str(self.project.path)
@@ -406,6 +451,7 @@ class SslSegWidget(QWidget):
     # ======================================================== human edits
     def _watch(self, layer, buffer: ann.EditBuffer) -> None:
         """Route the layer's strokes (and undo/redo, which emit no paint event) to ``buffer``."""
+
         def on_item(item) -> None:
             buffer.add(item)
             if not self._save_timer.isActive():
@@ -432,8 +478,9 @@ class SslSegWidget(QWidget):
             # The child is reading the human labels: let it see one consistent state.
             self._save_timer.start()
             return
-        future = session.flush_async(*self._layer_data(), round=self.round,
-                                     merged_round=self._merged_round())
+        future = session.flush_async(
+            *self._layer_data(), round=self.round, merged_round=self._merged_round()
+        )
         self._saving.append((future, self.round))
         self._reap_timer.start()
 
@@ -459,8 +506,9 @@ class SslSegWidget(QWidget):
         session.wait()
         self._reap()
         try:
-            saved = session.flush(*self._layer_data(), round=self.round,
-                                  merged_round=self._merged_round())
+            saved = session.flush(
+                *self._layer_data(), round=self.round, merged_round=self._merged_round()
+            )
         except (SslSegError, ValueError) as err:
             self._message(f"Could not save the last strokes: {err}", "error")
             return ann.Saved()
@@ -473,8 +521,10 @@ class SslSegWidget(QWidget):
         return self.session is None or not (self.session.pending or self._saving)
 
     def _layer_data(self):
-        return (None if self.annotation_layer is None else self.annotation_layer.data,
-                None if self.pseudo_layer is None else self.pseudo_layer.data)
+        return (
+            None if self.annotation_layer is None else self.annotation_layer.data,
+            None if self.pseudo_layer is None else self.pseudo_layer.data,
+        )
 
     def _merged_round(self) -> int | None:
         return self.round if self.pseudo_layer is not None else None
@@ -553,9 +603,11 @@ class SslSegWidget(QWidget):
             return
         annotated, corrected = self.session.annotated, self.session.corrected
         self.annotated_label.setText(
-            f"Annotated slices ({len(annotated)}): {ann.format_slices(annotated) or '–'}")
+            f"Annotated slices ({len(annotated)}): {ann.format_slices(annotated) or '–'}"
+        )
         self.corrected_label.setText(
-            f"Corrected slices ({len(corrected)}): {ann.format_slices(corrected) or '–'}")
+            f"Corrected slices ({len(corrected)}): {ann.format_slices(corrected) or '–'}"
+        )
         i = self.current_slice()
         state = ["annotated" if i in annotated else "not annotated"]
         if i in corrected:
@@ -580,18 +632,24 @@ class SslSegWidget(QWidget):
         job.start()
         self.job, self._job_box[:] = job, [job]
         # napari asks before closing a window with a busy task, then cancels it.
-        self._task = _register_task(self.viewer, f"training round {self.project.latest_round + 1}",
-                                    cancel=lambda: job.shutdown(STOP_TIMEOUT_S))
+        self._task = _register_task(
+            self.viewer,
+            f"training round {self.project.latest_round + 1}",
+            cancel=lambda: job.shutdown(STOP_TIMEOUT_S),
+        )
         self._phase = ""
         self.loss_plot.clear()
         self.progress_bar.setRange(0, 0)  # busy until the child reports
         self.time_label.setText("starting the training process…")
-        self._progress = progress(total=config.iterations,
-                                  desc=f"SSL Seg: round {self.project.latest_round + 1}")
+        self._progress = progress(
+            total=config.iterations, desc=f"SSL Seg: round {self.project.latest_round + 1}"
+        )
         self._set_busy(True)
         self._poll_timer.start()
-        return self._message(f"Training round {self.project.latest_round + 1} "
-                             f"({config.method}, {config.iterations} iterations)…")
+        return self._message(
+            f"Training round {self.project.latest_round + 1} "
+            f"({config.method}, {config.iterations} iterations)…"
+        )
 
     def stop(self) -> None:
         """Stop at the next iteration; the round is still predicted and saved."""
@@ -647,15 +705,22 @@ class SslSegWidget(QWidget):
             self.project.refresh_final()
             self._show_round(int(record["round"]))
         except (SslSegError, ValueError, OSError) as err:
-            self._message(f"Round {record.get('round')} saved, but showing it failed: {err}",
-                          "error")
+            self._message(
+                f"Round {record.get('round')} saved, but showing it failed: {err}", "error"
+            )
             return
         self._refresh_export_choices()
-        early = (f", stopped early after {record['iterations_done']} iterations"
-                 if record.get("stopped_early") else "")
+        early = (
+            f", stopped early after {record['iterations_done']} iterations"
+            if record.get("stopped_early")
+            else ""
+        )
         self.progress_bar.setFormat(f"round {record['round']} done")
-        self._message(f"Round {record['round']} done ({record['seconds']:.0f} s{early}): "
-                      "correct its pseudo-labels, then Retrain.", notify=True)
+        self._message(
+            f"Round {record['round']} done ({record['seconds']:.0f} s{early}): "
+            "correct its pseudo-labels, then Retrain.",
+            notify=True,
+        )
 
     def _round_failed(self, text: str) -> None:
         self._end_progress()
@@ -681,7 +746,9 @@ class SslSegWidget(QWidget):
         self.accept_button.setEnabled(has_project and self.round > 0)
         self.train_button.setText(
             f"Retrain (round {self.project.latest_round + 1})"
-            if has_project and self.project.latest_round else "Train")
+            if has_project and self.project.latest_round
+            else "Train"
+        )
 
     # ============================================================== rounds
     def _show_round(self, r: int) -> None:
@@ -697,12 +764,21 @@ class SslSegWidget(QWidget):
         confidence = self._round_layer(Image, "confidence · round", self.confidence_layer)
         self.round = r
         merged = project.merged_labels(r)
-        common = {"scale": image.scale, "translate": image.translate,
-                  "metadata": {PROJECT_KEY: str(project.path)}}
+        common = {
+            "scale": image.scale,
+            "translate": image.translate,
+            "metadata": {PROJECT_KEY: str(project.path)},
+        }
         if confidence is None:
             confidence = self.viewer.add_image(
-                project.confidence(r), name=f"confidence · round {r}", colormap="magma",
-                contrast_limits=(0.0, 1.0), opacity=0.6, visible=False, **common)
+                project.confidence(r),
+                name=f"confidence · round {r}",
+                colormap="magma",
+                contrast_limits=(0.0, 1.0),
+                opacity=0.6,
+                visible=False,
+                **common,
+            )
         else:
             confidence.data = project.confidence(r)
             confidence.name = f"confidence · round {r}"
@@ -732,7 +808,8 @@ class SslSegWidget(QWidget):
             item.setData(Qt.ItemDataRole.UserRole, int(s["slice"]))
             self.uncertain_list.addItem(item)
         self.project_label.setText(
-            f"{project.path.name}: {' × '.join(map(str, project.shape))}, {r} round(s)")
+            f"{project.path.name}: {' × '.join(map(str, project.shape))}, {r} round(s)"
+        )
         self._set_busy(self.job is not None)
 
     def _round_layer(self, kind, prefix: str, current):
@@ -740,8 +817,13 @@ class SslSegWidget(QWidget):
         if current is not None and current in self.viewer.layers:
             return current
         path = str(self.project.path)
-        found = [layer for layer in self.viewer.layers if isinstance(layer, kind)
-                 and layer.name.startswith(prefix) and layer.metadata.get(PROJECT_KEY) == path]
+        found = [
+            layer
+            for layer in self.viewer.layers
+            if isinstance(layer, kind)
+            and layer.name.startswith(prefix)
+            and layer.metadata.get(PROJECT_KEY) == path
+        ]
         return found[0] if found else None
 
     def next_uncertain(self) -> int | None:
@@ -818,8 +900,10 @@ class SslSegWidget(QWidget):
         if names is not None and wanted not in names:
             fallback = ann.default_settings()["method"]
             if self.session is not None:
-                self._message(f"Unknown method {wanted!r} in the saved settings; "
-                              f"using {fallback!r}.", "warning")
+                self._message(
+                    f"Unknown method {wanted!r} in the saved settings; using {fallback!r}.",
+                    "warning",
+                )
             self.settings["method"] = wanted = fallback
         blocked = self.method_combo.blockSignals(True)
         self.method_combo.clear()
@@ -875,13 +959,18 @@ class SslSegWidget(QWidget):
         from napari.layers import Image, Labels
 
         ours = {id(self.pseudo_layer)}
-        for combo, kind, extra in ((self.image_combo, Image, []),
-                                   (self.labels_combo, Labels, [NEW_LAYER])):
+        for combo, kind, extra in (
+            (self.image_combo, Image, []),
+            (self.labels_combo, Labels, [NEW_LAYER]),
+        ):
             current = combo.currentText()
-            names = extra + [lay.name for lay in self.viewer.layers
-                             if isinstance(lay, kind) and id(lay) not in ours
-                             and not lay.name.startswith(("confidence · round",
-                                                          "pseudo-labels · round"))]
+            names = extra + [
+                lay.name
+                for lay in self.viewer.layers
+                if isinstance(lay, kind)
+                and id(lay) not in ours
+                and not lay.name.startswith(("confidence · round", "pseudo-labels · round"))
+            ]
             combo.blockSignals(True)
             combo.clear()
             combo.addItems(names)
@@ -927,6 +1016,7 @@ class SslSegWidget(QWidget):
                 widget = ref()
                 if widget is not None:
                     getattr(widget, name)()
+
             return call
 
         for key, name in SHORTCUTS.items():
@@ -965,10 +1055,12 @@ class SslSegWidget(QWidget):
         for layer in (self.annotation_layer, self.pseudo_layer):
             if layer is not None:
                 self._unwatch(layer)
-        for emitter, slot in ((self.viewer.layers.events.inserted, self._refresh_layer_choices),
-                              (self.viewer.layers.events.removed, self._refresh_layer_choices),
-                              (self.viewer.layers.events.removing, self._layer_removing),
-                              (self.viewer.dims.events.current_step, self._update_slice_info)):
+        for emitter, slot in (
+            (self.viewer.layers.events.inserted, self._refresh_layer_choices),
+            (self.viewer.layers.events.removed, self._refresh_layer_choices),
+            (self.viewer.layers.events.removing, self._layer_removing),
+            (self.viewer.dims.events.current_step, self._update_slice_info),
+        ):
             emitter.disconnect(slot)
 
 
@@ -1023,6 +1115,7 @@ def _watch_history(layer, on_item) -> None:
             moved = getattr(layer, "_" + after, ())
             if len(moved) > before or (moved and len(moved) == moved.maxlen):
                 on_item(moved[-1])
+
         return call
 
     layer.undo = replay(undo, "redo_history")

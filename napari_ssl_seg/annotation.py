@@ -57,8 +57,17 @@ PROJECT_SUFFIX = ".ssl.zarr"
 SETTINGS_FILE = "widget.json"
 DEVICES = ("auto", "cpu", "cuda")
 EXPORT_FORMATS = (".tif", ".nii.gz", ".ome.zarr")
-_KNOWN_SUFFIXES = (".ssl.zarr", ".ome.zarr", ".ome.tiff", ".ome.tif", ".nii.gz", ".nii",
-                   ".tiff", ".tif", ".zarr")
+_KNOWN_SUFFIXES = (
+    ".ssl.zarr",
+    ".ome.zarr",
+    ".ome.tiff",
+    ".ome.tif",
+    ".nii.gz",
+    ".nii",
+    ".tiff",
+    ".tif",
+    ".zarr",
+)
 
 Region = tuple[slice, ...]
 
@@ -94,8 +103,12 @@ def default_project_path(
         if is_project(source):
             return source
         lower = source.name.lower()
-        stem = next((source.name[: -len(s)] for s in _KNOWN_SUFFIXES if lower.endswith(s)),
-                    source.stem) or source.name
+        stem = (
+            next(
+                (source.name[: -len(s)] for s in _KNOWN_SUFFIXES if lower.endswith(s)), source.stem
+            )
+            or source.name
+        )
         return source.with_name(stem + PROJECT_SUFFIX)
     if directory is None:
         raise ValueError(
@@ -275,12 +288,17 @@ def _touch(a: Region, b: Region) -> bool:
 
 
 def _union(a: tuple[Region, np.ndarray], b: tuple[Region, np.ndarray]):
-    region = tuple(slice(min(x.start, y.start), max(x.stop, y.stop))
-                   for x, y in zip(a[0], b[0], strict=True))
+    region = tuple(
+        slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a[0], b[0], strict=True)
+    )
     mask = np.zeros(tuple(s.stop - s.start for s in region), bool)
     for box, part in (a, b):
-        mask[tuple(slice(s.start - r.start, s.stop - r.start)
-                   for s, r in zip(box, region, strict=True))] |= part
+        mask[
+            tuple(
+                slice(s.start - r.start, s.stop - r.start)
+                for s, r in zip(box, region, strict=True)
+            )
+        ] |= part
     return region, mask
 
 
@@ -322,8 +340,9 @@ class AnnotationSession:
         Strokes on the annotation layer and on the pseudo-label layer, not yet written.
     """
 
-    def __init__(self, project: Project, *, source: str = "widget",
-                 background: bool = False) -> None:
+    def __init__(
+        self, project: Project, *, source: str = "widget", background: bool = False
+    ) -> None:
         self.project = project
         self.source = source
         self.annotations = EditBuffer(project.shape)
@@ -331,8 +350,11 @@ class AnnotationSession:
         self._lock = threading.Lock()
         self._annotated: set[int] = set(project.annotated_slices())
         self._corrected: set[int] = set(project.corrected_slices())
-        self._writer = (ThreadPoolExecutor(1, thread_name_prefix="napari-ssl-seg-writer")
-                        if background else None)
+        self._writer = (
+            ThreadPoolExecutor(1, thread_name_prefix="napari-ssl-seg-writer")
+            if background
+            else None
+        )
 
     @property
     def annotated(self) -> frozenset[int]:
@@ -357,8 +379,14 @@ class AnnotationSession:
             return bool(self._annotated or self._corrected)
 
     # ---------------------------------------------------------------- strokes
-    def flush(self, annotation_data=None, correction_data=None, *, round: int = 0,
-              merged_round: int | None = None) -> Saved:
+    def flush(
+        self,
+        annotation_data=None,
+        correction_data=None,
+        *,
+        round: int = 0,
+        merged_round: int | None = None,
+    ) -> Saved:
         """Write the buffered strokes now; corrections first, annotations second.
 
         Parameters
@@ -380,8 +408,14 @@ class AnnotationSession:
         self.wait()
         return self._write(self._snapshot(annotation_data, correction_data), round, merged_round)
 
-    def flush_async(self, annotation_data=None, correction_data=None, *, round: int = 0,
-                    merged_round: int | None = None) -> Future:
+    def flush_async(
+        self,
+        annotation_data=None,
+        correction_data=None,
+        *,
+        round: int = 0,
+        merged_round: int | None = None,
+    ) -> Future:
         """As :meth:`flush`, but write in the writer thread; returns a Future of Saved.
 
         The touched boxes are copied now, so later strokes cannot leak into this write.
@@ -389,7 +423,8 @@ class AnnotationSession:
         if self._writer is None:
             raise RuntimeError("this AnnotationSession has no writer thread (background=False)")
         return self._writer.submit(
-            self._write, self._snapshot(annotation_data, correction_data), round, merged_round)
+            self._write, self._snapshot(annotation_data, correction_data), round, merged_round
+        )
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until every background write submitted so far is done."""
@@ -404,19 +439,30 @@ class AnnotationSession:
 
     def _snapshot(self, annotation_data, correction_data) -> list[tuple]:
         jobs = []
-        for kind, buffer, data in (("correction", self.corrections, correction_data),
-                                   ("annotation", self.annotations, annotation_data)):
+        for kind, buffer, data in (
+            ("correction", self.corrections, correction_data),
+            ("annotation", self.annotations, annotation_data),
+        ):
             if data is not None:
-                jobs += [(kind, region, np.array(data[region]), mask)
-                         for region, mask in buffer.take()]
+                jobs += [
+                    (kind, region, np.array(data[region]), mask) for region, mask in buffer.take()
+                ]
         return jobs
 
     def _write(self, jobs: list[tuple], round: int, merged_round: int | None) -> Saved:
         saved = Saved()
         for kind, region, values, mask in jobs:
-            saved.edits.append(self.project.apply_edit(
-                kind, region, values, mask, round=round if kind == "correction" else 0,
-                source=self.source, whole_slices=kind == "annotation"))
+            saved.edits.append(
+                self.project.apply_edit(
+                    kind,
+                    region,
+                    values,
+                    mask,
+                    round=round if kind == "correction" else 0,
+                    source=self.source,
+                    whole_slices=kind == "annotation",
+                )
+            )
             rows = self._rows(region, mask)
             with self._lock:
                 (self._annotated if kind == "annotation" else self._corrected).update(rows)
@@ -431,8 +477,13 @@ class AnnotationSession:
         becomes annotated background)."""
         region = self.slice_region(i)
         self.wait()
-        edit = self.project.apply_edit("annotation", region, np.asarray(annotation_data[region]),
-                                       source=self.source, whole_slices=True)
+        edit = self.project.apply_edit(
+            "annotation",
+            region,
+            np.asarray(annotation_data[region]),
+            source=self.source,
+            whole_slices=True,
+        )
         with self._lock:
             self._annotated.add(int(i))
         return edit
@@ -455,8 +506,13 @@ class AnnotationSession:
             raise InvalidInputError("no round to accept yet: train a round first")
         region = self.slice_region(i)
         self.wait()
-        edit = self.project.apply_edit("correction", region, np.asarray(correction_data[region]),
-                                       round=round, source=self.source)
+        edit = self.project.apply_edit(
+            "correction",
+            region,
+            np.asarray(correction_data[region]),
+            round=round,
+            source=self.source,
+        )
         with self._lock:
             self._corrected.add(int(i))
         return edit
@@ -486,15 +542,21 @@ class AnnotationSession:
 
 
 def _whole_slices(region: Region, shape: Sequence[int], axis: int) -> Region:
-    return tuple(r if a == axis else slice(0, n)
-                 for a, (r, n) in enumerate(zip(region, shape, strict=True)))
+    return tuple(
+        r if a == axis else slice(0, n) for a, (r, n) in enumerate(zip(region, shape, strict=True))
+    )
 
 
 # ----------------------------------------------------------------------- settings
 def default_settings() -> dict[str, Any]:
     """Widget settings of a new project."""
-    return {"method": TrainConfig().method, "preset": "quick", "device": "auto",
-            "export_format": EXPORT_FORMATS[0], "overrides": {}}
+    return {
+        "method": TrainConfig().method,
+        "preset": "quick",
+        "device": "auto",
+        "export_format": EXPORT_FORMATS[0],
+        "overrides": {},
+    }
 
 
 def load_settings(project_path: str | os.PathLike) -> dict[str, Any]:
@@ -553,8 +615,11 @@ def _valid_setting(key: str, value: Any) -> bool:
 
 def build_config(settings: dict[str, Any]) -> TrainConfig:
     """The round's TrainConfig: method, preset iterations and device, then ``overrides``."""
-    values = {"method": settings["method"], "iterations": PRESETS[settings["preset"]],
-              "device": settings["device"]}
+    values = {
+        "method": settings["method"],
+        "iterations": PRESETS[settings["preset"]],
+        "device": settings["device"],
+    }
     values.update(settings.get("overrides") or {})
     return TrainConfig.from_dict(values)
 

@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,14 +93,18 @@ def cmd_init(args) -> int:
 
         check_labels(labels, shape=project.shape, name=str(args.labels))
         if args.annotated_slices:
-            slices = parse_slice_list(args.annotated_slices, length=project.n_slices, name="--annotated-slices")
+            slices = parse_slice_list(
+                args.annotated_slices, length=project.n_slices, name="--annotated-slices"
+            )
         else:
             slices = labelled_slices(labels, project.axis)
         project.annotate_slices(labels, slices, source="cli")
     elif args.annotated_slices:
         raise SslSegError("--annotated-slices needs --labels (the labels of those slices)")
-    print(f"project {project.path}: image {project.shape} {project.image.dtype}, axis {project.axis}, "
-          f"annotated slices {slices or 'none'}")
+    print(
+        f"project {project.path}: image {project.shape} {project.image.dtype}, axis {project.axis}, "
+        f"annotated slices {slices or 'none'}"
+    )
     return 0
 
 
@@ -119,7 +122,9 @@ def cmd_train(args) -> int:
     project = Project.open(args.project)
     record = run_round(project, config, progress=None if args.quiet else ProgressPrinter())
     r = record["round"]
-    print(f"round {r} ({record['method']}, {record['iterations_done']} iterations, {record['seconds']} s)")
+    print(
+        f"round {r} ({record['method']}, {record['iterations_done']} iterations, {record['seconds']} s)"
+    )
     print(f"  pseudo-labels: {project.path / record['pseudo_labels']}")
     print(f"  confidence:    {project.path / record['confidence']}")
     print(f"  checkpoint:    {project.checkpoint_path(r)}")
@@ -165,13 +170,20 @@ def cmd_evaluate(args) -> int:
     pred = read_volume(args.prediction)
     truth = read_volume(args.truth)
     exclude = (
-        parse_slice_list(args.exclude_slices, length=truth.data.shape[args.axis], name="--exclude-slices")
+        parse_slice_list(
+            args.exclude_slices, length=truth.data.shape[args.axis], name="--exclude-slices"
+        )
         if args.exclude_slices
         else []
     )
     spacing = truth.voxel_size if args.physical else None
-    scores = evaluate(pred.data, truth.data > 0 if args.binary else truth.data,
-                      exclude_slices=exclude, axis=args.axis, spacing=spacing)
+    scores = evaluate(
+        pred.data,
+        truth.data > 0 if args.binary else truth.data,
+        exclude_slices=exclude,
+        axis=args.axis,
+        spacing=spacing,
+    )
     if args.json:
         print(json.dumps(scores, indent=1))
     else:
@@ -215,7 +227,9 @@ def cmd_demo(args) -> int:
 
 
 def _has_display() -> bool:
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or sys.platform in (
+    return bool(
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    ) or sys.platform in (
         "darwin",
         "win32",
     )
@@ -230,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project", type=Path)
     p.add_argument("--image", required=True, type=Path)
     p.add_argument("--labels", type=Path, help="slices holding any label count as annotated")
-    p.add_argument("--annotated-slices", help="explicit annotated slices, e.g. 3,17,40 (empty ones too)")
+    p.add_argument(
+        "--annotated-slices", help="explicit annotated slices, e.g. 3,17,40 (empty ones too)"
+    )
     p.add_argument("--axis", type=int, default=0, help="slice axis (default 0)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_init)
@@ -243,8 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--threads", type=int)
     p.add_argument("--mode", choices=["2d", "2.5d", "3d"])
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
-    p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE", help="a method setting")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field"
+    )
+    p.add_argument(
+        "--setting", action="append", default=[], metavar="KEY=VALUE", help="a method setting"
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -258,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write merged labels to .tif, .nii(.gz) or .zarr")
     p.add_argument("project", type=Path)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--round", type=int, help="use this round's pseudo-labels under the human labels")
+    p.add_argument(
+        "--round", type=int, help="use this round's pseudo-labels under the human labels"
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="Dice, IoU, HD95, ASD per class")
@@ -266,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("truth", type=Path)
     p.add_argument("--exclude-slices")
     p.add_argument("--axis", type=int, default=0)
-    p.add_argument("--binary", action="store_true", help="score truth > 0 as one class (instance labels)")
+    p.add_argument(
+        "--binary", action="store_true", help="score truth > 0 as one class (instance labels)"
+    )
     p.add_argument("--physical", action="store_true", help="distances in the truth's voxel size")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)

@@ -101,7 +101,9 @@ class TrainConfig:
         ]
         for ok, name, allowed in checks:
             if not ok:
-                raise InvalidInputError(f"TrainConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
+                raise InvalidInputError(
+                    f"TrainConfig.{name} must be {allowed}, got {getattr(self, name)!r}"
+                )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -109,7 +111,9 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise InvalidInputError(f"unknown TrainConfig key(s) {unknown}; allowed: {sorted(known)}")
+            raise InvalidInputError(
+                f"unknown TrainConfig key(s) {unknown}; allowed: {sorted(known)}"
+            )
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -184,7 +184,11 @@ class TwoStreamSampler:
             half = max(16, self.config.patch_size // 4)
             lo = max(0, min(index - half, d.image.shape[0] - 2 * half))
             sl = slice(lo, lo + 2 * half)
-            item = {"image": d.image[sl][None], "target": d.target[sl][None], "weight": d.weight[sl][None]}
+            item = {
+                "image": d.image[sl][None],
+                "target": d.target[sl][None],
+                "weight": d.weight[sl][None],
+            }
         else:
             item = {
                 "image": slice_stack(d.image, [index], self.mode)[0],
@@ -219,7 +223,6 @@ class TwoStreamSampler:
         n = max(1, self.config.unlabelled_batch)
         picks = list(self.rng.integers(0, self.data.image.shape[0], size=n))
         return self._batch(picks, labelled=False)
-
 
 
 __all__ = [

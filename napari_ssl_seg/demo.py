@@ -38,10 +38,14 @@ def run_demo(
     """Run init, round 1, simulated corrections, round 2 and export; return the scores."""
     started = time.time()
     image, truth, voxel_size = load_nuclei()
-    project = Project.create(project_path, image, voxel_size=voxel_size, source="bundled nuclei sample", overwrite=True)
+    project = Project.create(
+        project_path, image, voxel_size=voxel_size, source="bundled nuclei sample", overwrite=True
+    )
     annotated = quickstart_slices(3)
     project.annotate_slices(truth, annotated, source="demo")
-    print(f"project {project.path}: {image.shape} nuclei, annotated slices {annotated}", file=stream)
+    print(
+        f"project {project.path}: {image.shape} nuclei, annotated slices {annotated}", file=stream
+    )
     values = {"seed": seed}
     if iterations is not None:
         values["iterations"] = iterations

@@ -195,19 +195,36 @@ def train_round(
 
     recalibrate_batchnorm(method, _training_inputs(sampler, device, n=30))
     bias = calibrate_background_bias(
-        method, data.image, data.target, data.weight, data.human_slices, mode=config.mode, device=device
+        method,
+        data.image,
+        data.target,
+        data.weight,
+        data.human_slices,
+        mode=config.mode,
+        device=device,
     )
     writer = project.begin_round()
     scores = yield from _with_elapsed(
         predict_into_round(
-            project, method, writer, norm=data.norm, mode=config.mode, device=device, background_bias=bias
+            project,
+            method,
+            writer,
+            norm=data.norm,
+            mode=config.mode,
+            device=device,
+            background_bias=bias,
         ),
         started,
     )
     ckpt = checkpoint_bytes(
         method,
         config,
-        {"round": writer.round, "revision": revision, "norm": list(data.norm), "background_bias": bias},
+        {
+            "round": writer.round,
+            "revision": revision,
+            "norm": list(data.norm),
+            "background_bias": bias,
+        },
     )
     record = {
         "method": config.method,
@@ -245,13 +262,23 @@ def train_round(
     return record
 
 
-def _pretrain(project, method, sampler, config, device, stop, started) -> Generator[Progress, None, None]:
+def _pretrain(
+    project, method, sampler, config, device, stop, started
+) -> Generator[Progress, None, None]:
     """Label-free pretraining (diffusion stage 1), cached in the project by data + settings."""
     n = method.pretrain_iterations()
     if n <= 0:
         return
     key = hashlib.sha1(
-        repr((project.signature, config.method, config.features, config.mode, sorted(config.settings.items()))).encode()
+        repr(
+            (
+                project.signature,
+                config.method,
+                config.features,
+                config.mode,
+                sorted(config.settings.items()),
+            )
+        ).encode()
     ).hexdigest()[:12]
     path = project.pretrained_path(f"{config.method}-{key}")
     if path.is_file():
@@ -291,7 +318,9 @@ def _training_inputs(sampler: TwoStreamSampler, device: torch.device, *, n: int)
         yield torch.cat(images).to(device)
 
 
-def _with_elapsed(gen: Generator[Progress, None, Any], started: float) -> Generator[Progress, None, Any]:
+def _with_elapsed(
+    gen: Generator[Progress, None, Any], started: float
+) -> Generator[Progress, None, Any]:
     """Relay ``gen``'s reports with the round's elapsed time; return its value."""
     while True:
         try:

@@ -92,7 +92,12 @@ def recalibrate_batchnorm(method: SSLMethod, batches: Iterable[torch.Tensor]) ->
 
     nets = [m for m in method.modules() if isinstance(m, BasicUNet | DualHeadUNet)]
     nets = [n for n in nets if not any(n is not o and n in set(o.modules()) for o in nets)]
-    norms = [m for n in nets for m in n.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = [
+        m
+        for n in nets
+        for m in n.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
     if not norms:
         return 0
     saved = [(m, m.momentum) for m in norms]
@@ -250,8 +255,11 @@ def rank_slices(scores: np.ndarray, top: int = 10, *, min_gap: int = 3) -> list[
     ``min_gap`` slices apart: neighbouring slices look alike, so correcting two of them
     teaches little more than correcting one.
     """
-    order = [int(i) for i in np.argsort(-np.nan_to_num(scores, nan=-1.0), kind="stable")
-             if np.isfinite(scores[i])]
+    order = [
+        int(i)
+        for i in np.argsort(-np.nan_to_num(scores, nan=-1.0), kind="stable")
+        if np.isfinite(scores[i])
+    ]
     picked: list[int] = []
     for i in order:
         if all(abs(i - j) >= min_gap for j in picked):

@@ -115,8 +115,14 @@ class TrainingJob:
             raise RuntimeError("this TrainingJob was started already; make a new one")
         self._process = self._context.Process(
             target=_child_main,
-            args=(str(self.project_path), self.config.to_dict(), self.threads, self.niceness,
-                  self._stop, self._queue),
+            args=(
+                str(self.project_path),
+                self.config.to_dict(),
+                self.threads,
+                self.niceness,
+                self._stop,
+                self._queue,
+            ),
             name=f"napari-ssl-seg training {self.project_path.name}",
             daemon=True,  # never outlives the GUI process
         )
@@ -184,9 +190,15 @@ class TrainingJob:
             # Whatever the child flushed before exiting is in the pipe already.
             messages.extend(self._drain(wait=0.2))
             if not ended():
-                messages.append(("error", (
-                    f"the training process ended without a result (exit code "
-                    f"{process.exitcode}); it was killed or ran out of memory")))
+                messages.append(
+                    (
+                        "error",
+                        (
+                            f"the training process ended without a result (exit code "
+                            f"{process.exitcode}); it was killed or ran out of memory"
+                        ),
+                    )
+                )
         for kind, payload in messages:
             if kind == "done":
                 self.result, self._finished = payload, True

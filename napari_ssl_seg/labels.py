@@ -107,7 +107,9 @@ def _as_array_like(obj):
 
 def _check_shape(lshape: tuple, shape: Sequence[int] | None, name: str) -> None:
     if shape is not None and lshape != tuple(shape):
-        raise InvalidInputError(f"{name}: shape {lshape} does not match the image shape {tuple(shape)}")
+        raise InvalidInputError(
+            f"{name}: shape {lshape} does not match the image shape {tuple(shape)}"
+        )
 
 
 def labelled_slices(labels: np.ndarray, axis: int = 0) -> list[int]:

@@ -49,6 +49,8 @@ def evaluate(
         ``{"class 1": {"dice": ..., "iou": ..., "hd95": ..., "asd": ...}, ...}`` and
         ``"mean"`` over the classes present in either volume.
     """
+    import warnings
+
     import torch
     from monai.metrics import (
         DiceMetric,
@@ -56,8 +58,6 @@ def evaluate(
         MeanIoU,
         SurfaceDistanceMetric,
     )
-
-    import warnings
 
     # MONAI 1.5+ warns about its own internal use of a deprecated argument.
     warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)

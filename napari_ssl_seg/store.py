@@ -280,7 +280,12 @@ class Project:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike, *, image=None, verify: bool | None = None, recover: bool = True
+        cls,
+        path: str | os.PathLike,
+        *,
+        image=None,
+        verify: bool | None = None,
+        recover: bool = True,
     ) -> Project:
         """Open the project at ``path``.
 
@@ -451,9 +456,7 @@ class Project:
         _atomic_write_bytes(self._edit_path(edit_id, ".done"), b"")
         return _edit_from_record(record, int(mask.sum()))
 
-    def annotate_slices(
-        self, labels, slices: Sequence[int], *, source: str = "api"
-    ) -> list[Edit]:
+    def annotate_slices(self, labels, slices: Sequence[int], *, source: str = "api") -> list[Edit]:
         """Mark ``slices`` as fully annotated with the labels of a whole volume.
 
         Parameters
@@ -469,7 +472,13 @@ class Project:
         edits = []
         for region in regions:
             edits.append(
-                self.apply_edit("annotation", region, np.asarray(labels[region]), source=source, whole_slices=True)
+                self.apply_edit(
+                    "annotation",
+                    region,
+                    np.asarray(labels[region]),
+                    source=source,
+                    whole_slices=True,
+                )
             )
         return edits
 
@@ -486,7 +495,9 @@ class Project:
             raise ProjectError(f"{self.path}: no round to correct yet; train a round first")
         check_labels(labels, shape=self.shape, name="labels")
         return [
-            self.apply_edit("correction", region, np.asarray(labels[region]), round=round, source=source)
+            self.apply_edit(
+                "correction", region, np.asarray(labels[region]), round=round, source=source
+            )
             for region in self._slice_regions(slices)
         ]
 
@@ -515,7 +526,9 @@ class Project:
     def rounds(self) -> list[dict]:
         """Records of every committed round, oldest first."""
         out = []
-        for p in sorted(self._rounds_dir.glob("r*/record.json"), key=lambda q: int(q.parent.name[1:])):
+        for p in sorted(
+            self._rounds_dir.glob("r*/record.json"), key=lambda q: int(q.parent.name[1:])
+        ):
             try:
                 out.append(json.loads(p.read_text()))
             except (OSError, ValueError) as err:
@@ -525,7 +538,9 @@ class Project:
     def round_record(self, r: int) -> dict:
         path = self._rounds_dir / f"r{r:03d}" / "record.json"
         if not path.is_file():
-            raise ProjectError(f"{self.path}: no round {r} (rounds: {[x['round'] for x in self.rounds()]})")
+            raise ProjectError(
+                f"{self.path}: no round {r} (rounds: {[x['round'] for x in self.rounds()]})"
+            )
         return json.loads(path.read_text())
 
     def pseudo_labels(self, r: int | None = None) -> zarr.Array:
@@ -569,7 +584,11 @@ class Project:
 
     def refresh_final(self, region: Sequence[slice] | None = None) -> None:
         """Rewrite ``labels/final`` (the export source) from the merge, slab by slab."""
-        regions = [self._check_region(region)] if region is not None else iter_slabs(self.shape, self.axis)
+        regions = (
+            [self._check_region(region)]
+            if region is not None
+            else iter_slabs(self.shape, self.axis)
+        )
         for index in regions:
             self.final[index] = self.merged_labels(index=index)
 
@@ -600,7 +619,9 @@ class Project:
 
     def _slice_region(self, i: int) -> tuple[slice, ...]:
         if not 0 <= i < self.n_slices:
-            raise ProjectError(f"slice {i} is outside 0..{self.n_slices - 1} along axis {self.axis}")
+            raise ProjectError(
+                f"slice {i} is outside 0..{self.n_slices - 1} along axis {self.axis}"
+            )
         region = [slice(0, n) for n in self.shape]
         region[self.axis] = slice(i, i + 1)
         return tuple(region)
@@ -711,7 +732,11 @@ class RoundWriter:
         if f"confidence_r{round:03d}" in extras:
             del extras[f"confidence_r{round:03d}"]
         self.confidence = extras.create_array(
-            f"confidence_r{round:03d}", shape=shape, dtype=np.float32, chunks=chunks, fill_value=0.0
+            f"confidence_r{round:03d}",
+            shape=shape,
+            dtype=np.float32,
+            chunks=chunks,
+            fill_value=0.0,
         )
         self.directory = project._rounds_dir / f"r{round:03d}"
         if self.directory.exists():

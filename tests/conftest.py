@@ -18,15 +18,26 @@ def disks_volume(shape=(8, 32, 32), seed=0):
     for cy, cx, r in ((10, 10, 6), (22, 20, 7)):
         labels[((y - cy) ** 2 + (x - cx) ** 2) < r**2] = 1
     labels[: shape[0] // 4] = 0  # some empty slices
-    image = (labels.astype(np.float32) * 800 + 100 + rng.normal(0, 40, shape)).clip(0).astype(np.uint16)
+    image = (
+        (labels.astype(np.float32) * 800 + 100 + rng.normal(0, 40, shape))
+        .clip(0)
+        .astype(np.uint16)
+    )
     return image, labels
 
 
 @pytest.fixture
 def tiny_config():
     def make(**overrides):
-        values = dict(iterations=3, features=TINY_NET, patch_size=32, labelled_batch=1,
-                      unlabelled_batch=1, threads=1, method="supervised")
+        values = dict(
+            iterations=3,
+            features=TINY_NET,
+            patch_size=32,
+            labelled_batch=1,
+            unlabelled_batch=1,
+            threads=1,
+            method="supervised",
+        )
         values.update(overrides)
         return TrainConfig(**values)
 

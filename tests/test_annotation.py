@@ -24,12 +24,14 @@ def masked_atom(key, mask):  # napari >= 0.9 brush / fill / polygon atom
 def test_atom_region_masked_form():
     mask = np.zeros((1, 5, 5), bool)
     mask[0, 1:4, 2] = True
-    region, got = ann.atom_region(masked_atom((slice(2, 3), slice(8, 13), slice(8, 13)), mask),
-                                  SHAPE)
+    region, got = ann.atom_region(
+        masked_atom((slice(2, 3), slice(8, 13), slice(8, 13)), mask), SHAPE
+    )
     assert region == (slice(2, 3), slice(8, 13), slice(8, 13))
     np.testing.assert_array_equal(got, mask)
-    region, got = ann.atom_region(masked_atom((slice(1, 2), slice(None), slice(None)), None),
-                                  SHAPE)
+    region, got = ann.atom_region(
+        masked_atom((slice(1, 2), slice(None), slice(None)), None), SHAPE
+    )
     assert region == (slice(1, 2), slice(0, 32), slice(0, 32)) and got.all()
 
 
@@ -104,7 +106,7 @@ def test_session_corrections_and_merged_slices(tiny_project, tiny_config):
     assert [e.kind for e in saved.edits] == ["correction", "annotation"]
     assert saved.edits[0].round == 1 and saved.edits[0].source == "widget"
     np.testing.assert_array_equal(project.corrections[3, 0:2, 0:2], layer[3, 0:2, 0:2])
-    (region, merged), = saved.merged  # the whole slice 5, now human background + one voxel
+    ((region, merged),) = saved.merged  # the whole slice 5, now human background + one voxel
     assert region == (slice(5, 6), slice(0, 32), slice(0, 32))
     np.testing.assert_array_equal(merged, annotation_layer[5:6])
     assert session.corrected == {3}
@@ -147,8 +149,10 @@ def test_default_project_path(tmp_path, tiny_project):
     assert ann.default_project_path(tmp_path / "a.nii.gz") == tmp_path / "a.ssl.zarr"
     assert ann.default_project_path(tmp_path / "b.ome.zarr") == tmp_path / "b.ssl.zarr"
     assert ann.default_project_path(project.path) == project.path  # a project is its own
-    assert (ann.default_project_path(name="my layer/1", directory=tmp_path)
-            == tmp_path / "my_layer_1.ssl.zarr")
+    assert (
+        ann.default_project_path(name="my layer/1", directory=tmp_path)
+        == tmp_path / "my_layer_1.ssl.zarr"
+    )
     with pytest.raises(ValueError, match="the volume has no file: pass directory="):
         ann.default_project_path(None, name="x")
 
@@ -176,14 +180,23 @@ def test_open_or_create_and_import(tmp_path):
 # ---------------------------------------------------------------- settings
 def test_settings_round_trip(tmp_path):
     assert ann.load_settings(tmp_path) == ann.default_settings()  # nothing saved yet
-    settings = {**ann.default_settings(), "method": "supervised", "preset": "thorough",
-                "device": "cpu", "overrides": {"iterations": 5, "patch_size": 32}}
+    settings = {
+        **ann.default_settings(),
+        "method": "supervised",
+        "preset": "thorough",
+        "device": "cpu",
+        "overrides": {"iterations": 5, "patch_size": 32},
+    }
     path = ann.save_settings(tmp_path, settings)
     assert path == tmp_path / "ssl_seg" / "widget.json"
     assert ann.load_settings(tmp_path) == settings
     config = ann.build_config(settings)
     assert (config.method, config.iterations, config.device, config.patch_size) == (
-        "supervised", 5, "cpu", 32)
+        "supervised",
+        5,
+        "cpu",
+        32,
+    )
     assert ann.build_config(ann.default_settings()).iterations == PRESETS["quick"]
     assert ann.build_config(ann.default_settings()).method == TrainConfig().method
 
@@ -191,8 +204,17 @@ def test_settings_round_trip(tmp_path):
 def test_bad_settings(tmp_path):
     path = tmp_path / "ssl_seg" / "widget.json"
     path.parent.mkdir()
-    path.write_text(json.dumps({"preset": "huge", "device": "tpu", "method": "cps",
-                                "overrides": {"nope": 1}, "extra": 1}))
+    path.write_text(
+        json.dumps(
+            {
+                "preset": "huge",
+                "device": "tpu",
+                "method": "cps",
+                "overrides": {"nope": 1},
+                "extra": 1,
+            }
+        )
+    )
     assert ann.load_settings(tmp_path) == {**ann.default_settings(), "method": "cps"}
     path.write_text("{not json")
     assert ann.load_settings(tmp_path) == ann.default_settings()

@@ -11,9 +11,23 @@ import tifffile
 from napari_ssl_seg.cli import main
 from napari_ssl_seg.store import Project
 
-TINY = ["--iterations", "2", "--threads", "1", "--set", "features=8,16,16,32,32,8",
-        "--set", "patch_size=32", "--set", "labelled_batch=1", "--set", "unlabelled_batch=1",
-        "--method", "supervised", "--quiet"]
+TINY = [
+    "--iterations",
+    "2",
+    "--threads",
+    "1",
+    "--set",
+    "features=8,16,16,32,32,8",
+    "--set",
+    "patch_size=32",
+    "--set",
+    "labelled_batch=1",
+    "--set",
+    "unlabelled_batch=1",
+    "--method",
+    "supervised",
+    "--quiet",
+]
 
 
 @pytest.fixture
@@ -23,7 +37,11 @@ def files(tmp_path):
     image, labels = disks_volume()
     sparse = np.zeros_like(labels)
     sparse[[1, 4]] = labels[[1, 4]]
-    paths = {"image": tmp_path / "img.tif", "labels": tmp_path / "lab.tif", "truth": tmp_path / "truth.tif"}
+    paths = {
+        "image": tmp_path / "img.tif",
+        "labels": tmp_path / "lab.tif",
+        "truth": tmp_path / "truth.tif",
+    }
     tifffile.imwrite(paths["image"], image)
     tifffile.imwrite(paths["labels"], sparse)
     tifffile.imwrite(paths["truth"], labels)
@@ -33,8 +51,21 @@ def files(tmp_path):
 def test_full_loop(files, capsys):
     tmp, f = files
     proj = tmp / "p.zarr"
-    assert main(["init", str(proj), "--image", str(f["image"]), "--labels", str(f["labels"]),
-                 "--annotated-slices", "0,1,4"]) == 0
+    assert (
+        main(
+            [
+                "init",
+                str(proj),
+                "--image",
+                str(f["image"]),
+                "--labels",
+                str(f["labels"]),
+                "--annotated-slices",
+                "0,1,4",
+            ]
+        )
+        == 0
+    )
     assert Project.open(proj).annotated_slices() == [0, 1, 4]  # 0 is an empty annotated slice
     assert main(["train", str(proj), *TINY]) == 0
     out = capsys.readouterr().out
@@ -48,21 +79,47 @@ def test_full_loop(files, capsys):
     exported = tifffile.imread(tmp / "out.tif")
     np.testing.assert_array_equal(exported[[5, 6]], tifffile.imread(f["truth"])[[5, 6]])
     capsys.readouterr()
-    assert main(["evaluate", str(tmp / "out.tif"), str(f["truth"]), "--exclude-slices", "0,1,4", "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp / "out.tif"),
+                str(f["truth"]),
+                "--exclude-slices",
+                "0,1,4",
+                "--json",
+            ]
+        )
+        == 0
+    )
     scores = json.loads(capsys.readouterr().out)
     assert set(scores["class 1"]) == {"dice", "iou", "hd95", "asd"}
 
 
 def test_init_counts_labelled_slices(files):
     tmp, f = files
-    assert main(["init", str(tmp / "p.zarr"), "--image", str(f["image"]), "--labels", str(f["labels"])]) == 0
+    assert (
+        main(
+            ["init", str(tmp / "p.zarr"), "--image", str(f["image"]), "--labels", str(f["labels"])]
+        )
+        == 0
+    )
     assert Project.open(tmp / "p.zarr").annotated_slices() == [4]  # slice 1 is empty in the disks
 
 
 def test_methods_lists_all(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    for name in ("supervised", "mean-teacher", "ua-mt", "cps", "dtc", "dtml", "simcvd", "diffusion"):
+    for name in (
+        "supervised",
+        "mean-teacher",
+        "ua-mt",
+        "cps",
+        "dtc",
+        "dtml",
+        "simcvd",
+        "diffusion",
+    ):
         assert f"{name}" in out
 
 
@@ -70,9 +127,36 @@ def test_methods_lists_all(capsys):
     "argv, message",
     [
         (["init", "{tmp}/q.zarr", "--image", "{tmp}/missing.tif"], "missing.tif"),
-        (["init", "{tmp}/q.zarr", "--image", "{image}", "--labels", "{labels}", "--annotated-slices", "1,x"], "not a slice index"),
-        (["init", "{tmp}/q.zarr", "--image", "{image}", "--labels", "{labels}", "--annotated-slices", "99"], "outside"),
-        (["init", "{tmp}/q.zarr", "--image", "{image}", "--annotated-slices", "1"], "needs --labels"),
+        (
+            [
+                "init",
+                "{tmp}/q.zarr",
+                "--image",
+                "{image}",
+                "--labels",
+                "{labels}",
+                "--annotated-slices",
+                "1,x",
+            ],
+            "not a slice index",
+        ),
+        (
+            [
+                "init",
+                "{tmp}/q.zarr",
+                "--image",
+                "{image}",
+                "--labels",
+                "{labels}",
+                "--annotated-slices",
+                "99",
+            ],
+            "outside",
+        ),
+        (
+            ["init", "{tmp}/q.zarr", "--image", "{image}", "--annotated-slices", "1"],
+            "needs --labels",
+        ),
         (["init", "{proj}", "--image", "{image}"], "already exists"),
         (["train", "{tmp}/nothing.zarr"], "no such project"),
         (["train", "{proj}", "--method", "dtcc"], "Did you mean 'dtc'"),

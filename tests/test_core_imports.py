@@ -3,8 +3,23 @@
 import subprocess
 import sys
 
-CORE = ["store", "labels", "io", "config", "data", "engine", "inference", "methods", "metrics",
-        "cli", "jobs", "annotation", "demo", "models", "losses"]
+CORE = [
+    "store",
+    "labels",
+    "io",
+    "config",
+    "data",
+    "engine",
+    "inference",
+    "methods",
+    "metrics",
+    "cli",
+    "jobs",
+    "annotation",
+    "demo",
+    "models",
+    "losses",
+]
 
 
 def test_core_is_headless():

@@ -21,8 +21,18 @@ def test_round_bookkeeping(tiny_project, tiny_config):
     train = [r for r in reports if r["phase"] == "train"]
     assert [r["iteration"] for r in train] == [1, 2, 3]
     assert all("loss" in r["losses"] and r["remaining"] >= 0 for r in train)
-    for key in ("method", "config", "seed", "started", "finished", "metrics", "checkpoint_sha256",
-                "revision", "uncertain_slices", "human_slices"):
+    for key in (
+        "method",
+        "config",
+        "seed",
+        "started",
+        "finished",
+        "metrics",
+        "checkpoint_sha256",
+        "revision",
+        "uncertain_slices",
+        "human_slices",
+    ):
         assert key in record
     assert record["human_slices"] == [1, 4]
     ranked = [s["slice"] for s in record["uncertain_slices"]]
@@ -80,7 +90,10 @@ def test_deterministic_with_seed(tmp_path, tiny_config):
     for name in ("a", "b"):
         project = Project.create(tmp_path / f"{name}.zarr", image)
         project.annotate_slices(labels, [1, 4])
-        losses = [r["losses"]["loss"] for r in train_round_reports(project, tiny_config(method="mean-teacher"))]
+        losses = [
+            r["losses"]["loss"]
+            for r in train_round_reports(project, tiny_config(method="mean-teacher"))
+        ]
         outputs.append((losses, project.confidence(1)[...]))
     assert outputs[0][0] == outputs[1][0]
     np.testing.assert_array_equal(outputs[0][1], outputs[1][1])

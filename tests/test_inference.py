@@ -35,12 +35,15 @@ def test_calibrated_bias_never_scores_worse_than_none(tiny_config):
     x = ((image - image.min()) / np.ptp(image)).astype(np.float32)
     weight = np.zeros(labels.shape, np.float32)
     weight[[2, 5]] = 1
-    bias = calibrate_background_bias(method, x, labels.astype(np.int64), weight, [2, 5],
-                                     mode="2d", device=torch.device("cpu"))
+    bias = calibrate_background_bias(
+        method, x, labels.astype(np.int64), weight, [2, 5], mode="2d", device=torch.device("cpu")
+    )
     assert -3 <= bias <= 3
 
     def human_dice(b):
-        probs = adjust_background(predict_probabilities(method, torch.from_numpy(x[[2, 5]][:, None])), b)
+        probs = adjust_background(
+            predict_probabilities(method, torch.from_numpy(x[[2, 5]][:, None])), b
+        )
         pred, truth = probs.argmax(1).numpy() > 0, labels[[2, 5]] > 0
         return 2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum())
 
@@ -51,8 +54,18 @@ def test_no_foreground_means_no_bias(tiny_config):
     method = _method(tiny_config)
     x = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
     zeros = np.zeros((3, 32, 32))
-    assert calibrate_background_bias(method, x, zeros.astype(np.int64), zeros + 1, [0, 1],
-                                     mode="2d", device=torch.device("cpu")) == 0.0
+    assert (
+        calibrate_background_bias(
+            method,
+            x,
+            zeros.astype(np.int64),
+            zeros + 1,
+            [0, 1],
+            mode="2d",
+            device=torch.device("cpu"),
+        )
+        == 0.0
+    )
 
 
 def test_sliding_window_for_large_slices(tiny_config):

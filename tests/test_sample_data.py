@@ -78,8 +78,11 @@ def test_napari_samples():
     (image, image_kwargs, _), (annotations, labels_kwargs, _) = layers
     assert image.shape == annotations.shape == SHAPE
     assert image_kwargs == {"name": "nuclei", "scale": (0.29, 0.26, 0.26)}
-    assert labels_kwargs == {"name": "annotations", "scale": (0.29, 0.26, 0.26),
-                             "metadata": {sd.ANNOTATED_SLICES_KEY: [10, 30, 50]}}
+    assert labels_kwargs == {
+        "name": "annotations",
+        "scale": (0.29, 0.26, 0.26),
+        "metadata": {sd.ANNOTATED_SLICES_KEY: [10, 30, 50]},
+    }
     assert annotations.dtype == np.uint8 and set(np.unique(annotations)) == {0, 1}
 
 

@@ -855,7 +855,9 @@ def test_open_bad_paths(tmp_path):
     with pytest.raises(ProjectError, match=r"missing\.zarr: no such project directory$"):
         Project.open(tmp_path / "missing.zarr")
     (tmp_path / ".gone.zarr.123.old").mkdir()
-    with pytest.raises(ProjectError, match=r"an interrupted overwrite left the old one at .*\.old"):
+    with pytest.raises(
+        ProjectError, match=r"an interrupted overwrite left the old one at .*\.old"
+    ):
         Project.open(tmp_path / "gone.zarr")
     (tmp_path / "empty").mkdir()
     with pytest.raises(

@@ -165,13 +165,16 @@ class SSLMethod(torch.nn.Module):
         unknown = sorted(set(overrides) - set(allowed))
         if unknown:
             raise ValueError(
-                f"unknown setting(s) {unknown} for method {cls.name!r}; "
-                f"allowed: {sorted(allowed)}"
+                f"unknown setting(s) {unknown} for method {cls.name!r}; allowed: {sorted(allowed)}"
             )
         for key, value in list(overrides.items()):
             default = getattr(cls.settings_class(), key)
             if isinstance(default, bool):
-                value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+                value = (
+                    value
+                    if isinstance(value, bool)
+                    else str(value).lower() in ("1", "true", "yes")
+                )
             elif isinstance(default, int | float) and not isinstance(value, type(default)):
                 value = type(default)(value)
             overrides[key] = value

@@ -17,8 +17,14 @@ from napari_ssl_seg.store import Project
 pytestmark = pytest.mark.gui
 
 VOXEL = (0.29, 0.26, 0.26)
-TINY = dict(iterations=6, features=[8, 16, 16, 32, 32, 8], patch_size=32, labelled_batch=1,
-            unlabelled_batch=1, threads=1)
+TINY = dict(
+    iterations=6,
+    features=[8, 16, 16, 32, 32, 8],
+    patch_size=32,
+    labelled_batch=1,
+    unlabelled_batch=1,
+    threads=1,
+)
 ROUND_TIMEOUT_MS = 120_000
 ANNOTATED = (2, 8)
 
@@ -32,8 +38,13 @@ def crop():
 @pytest.fixture
 def tif(tmp_path, crop):
     path = tmp_path / "nuclei.tif"
-    tifffile.imwrite(path, crop[0], imagej=True, resolution=(1 / VOXEL[1], 1 / VOXEL[2]),
-                     metadata={"spacing": VOXEL[0], "unit": "um", "axes": "ZYX"})
+    tifffile.imwrite(
+        path,
+        crop[0],
+        imagej=True,
+        resolution=(1 / VOXEL[1], 1 / VOXEL[2]),
+        metadata={"spacing": VOXEL[0], "unit": "um", "axes": "ZYX"},
+    )
     return path
 
 
@@ -102,8 +113,10 @@ def test_annotation_loop(make_napari_viewer, qtbot, tmp_path, tif, crop):
     zz, yy, xx = np.meshgrid([5], np.arange(10, 16), np.arange(20, 26), indexing="ij")
     pseudo.data_setitem((zz.ravel(), yy.ravel(), xx.ravel()), flipped.ravel())
     before_undo = pseudo.data[5, 40:44, 40:44].copy()
-    pseudo.data_setitem((np.full(16, 5), np.repeat(np.arange(40, 44), 4),
-                         np.tile(np.arange(40, 44), 4)), 1 - before_undo.ravel())
+    pseudo.data_setitem(
+        (np.full(16, 5), np.repeat(np.arange(40, 44), 4), np.tile(np.arange(40, 44), 4)),
+        1 - before_undo.ravel(),
+    )
     pseudo.undo()
     np.testing.assert_array_equal(pseudo.data[5, 40:44, 40:44], before_undo)
     qtbot.waitUntil(lambda: widget.is_saved, timeout=5000)
@@ -161,15 +174,17 @@ def test_messages(make_napari_viewer, qtbot, tmp_path, tif, crop):
     viewer = make_napari_viewer()
     viewer.open(tif, plugin="napari-ssl-seg")
     # As the Plugins menu does it, through the manifest.
-    _, widget = viewer.window.add_plugin_dock_widget("napari-ssl-seg",
-                                                     "SSL Seg: annotate and train")
+    _, widget = viewer.window.add_plugin_dock_widget(
+        "napari-ssl-seg", "SSL Seg: annotate and train"
+    )
     assert isinstance(widget, SslSegWidget) and widget.viewer.layers[0].name == "nuclei"
     assert not widget.train() and "Open a project first" in widget.status_label.text()
     viewer.add_labels(np.zeros((3, 8, 8), np.uint8), name="wrong")
     widget.labels_combo.setCurrentText("wrong")
     assert not widget.open_project()
     assert "has shape (3, 8, 8), but the image 'nuclei' has (12, 64, 64)" in (
-        widget.status_label.text())
+        widget.status_label.text()
+    )
     widget.labels_combo.setCurrentText("(new layer)")
     assert widget.open_project()
     assert not widget.train() and "no annotated slice yet" in widget.status_label.text()
@@ -183,7 +198,8 @@ def test_messages(make_napari_viewer, qtbot, tmp_path, tif, crop):
     assert widget.train()
     qtbot.waitUntil(lambda: widget.job is None, timeout=ROUND_TIMEOUT_MS)
     assert "Training failed: ValueError: unknown method 'no-such-method'" in (
-        widget.status_label.text())
+        widget.status_label.text()
+    )
     assert widget.train_button.isEnabled() and widget.project.latest_round == 0
     assert widget.project.annotated_slices() == [4]  # flushed before training
 
@@ -243,7 +259,8 @@ def test_gui_stays_responsive_while_training(make_napari_viewer, qtbot, tif, cro
         steps[0] += 1
         viewer.dims.set_current_step(0, steps[0] % 12)
         widget.pseudo_layer or widget.annotation_layer.data_setitem(
-            (np.array([steps[0] % 12]), np.array([1]), np.array([steps[0] % 64])), 2)
+            (np.array([steps[0] % 12]), np.array([1]), np.array([steps[0] % 64])), 2
+        )
 
     clock, user = QTimer(interval=period_ms), QTimer(interval=150)
     clock.timeout.connect(tick)
@@ -257,9 +274,11 @@ def test_gui_stays_responsive_while_training(make_napari_viewer, qtbot, tif, cro
     widget.stop()
     qtbot.waitUntil(lambda: widget.job is None, timeout=ROUND_TIMEOUT_MS)
     late = np.asarray(lateness[1:])
-    print(f"\nevent-loop lateness over {late.size} ticks of {period_ms} ms while training "
-          f"({iterations} iterations, {steps[0]} scroll+paint steps): mean {late.mean():.1f} ms, "
-          f"p95 {np.percentile(late, 95):.1f} ms, max {late.max():.1f} ms")
+    print(
+        f"\nevent-loop lateness over {late.size} ticks of {period_ms} ms while training "
+        f"({iterations} iterations, {steps[0]} scroll+paint steps): mean {late.mean():.1f} ms, "
+        f"p95 {np.percentile(late, 95):.1f} ms, max {late.max():.1f} ms"
+    )
     assert iterations > 0 and widget.project.latest_round == 1
     assert late.max() < 250, f"the GUI froze for {late.max():.0f} ms"
     widget.close()
