@@ -12,6 +12,7 @@ import tifffile
 from napari_ssl_seg import io
 from napari_ssl_seg._sample_data import load_nuclei
 from napari_ssl_seg._widget import SslSegWidget
+from napari_ssl_seg.config import TrainConfig
 from napari_ssl_seg.store import Project
 
 pytestmark = pytest.mark.gui
@@ -193,7 +194,7 @@ def test_messages(make_napari_viewer, qtbot, tmp_path, tif, crop):
     # A failing round: the error is shown and the widget is usable again.
     paint_slice(widget.annotation_layer, crop[1], 4)
     qtbot.waitUntil(lambda: widget.method_combo.count() > 1, timeout=60_000)  # registry loaded
-    assert widget.method_combo.currentText() == "dtc"
+    assert widget.method_combo.currentText() == TrainConfig().method
     widget.settings["method"] = "no-such-method"
     assert widget.train()
     qtbot.waitUntil(lambda: widget.job is None, timeout=ROUND_TIMEOUT_MS)
