@@ -701,14 +701,25 @@ class SslSegWidget(QWidget):
     def _round_done(self, record: dict) -> None:
         self._end_progress()
         self.flush()  # strokes on the old round's layer belong to the old round
-        try:
-            self.project.refresh_final()
-            self._show_round(int(record["round"]))
-        except (SslSegError, ValueError, OSError) as err:
-            self._message(
-                f"Round {record.get('round')} saved, but showing it failed: {err}", "error"
-            )
+        self.progress_bar.setFormat(f"round {record['round']}: loading labels")
+        # Merging a large volume takes seconds: the writer thread does it, we poll.
+        future = self.session.round_labels_async(int(record["round"]))
+        self._await(future, lambda merged: self._round_ready(record, merged))
+
+    def _await(self, future, then) -> None:
+        """Call ``then(result)`` on the GUI thread once ``future`` is done."""
+        if self.session is None:  # the widget closed meanwhile
             return
+        if not future.done():
+            QTimer.singleShot(POLL_MS, lambda: self._await(future, then))
+            return
+        try:
+            then(future.result())
+        except (SslSegError, ValueError, OSError) as err:
+            self._message(f"Round saved, but showing it failed: {err}", "error")
+
+    def _round_ready(self, record: dict, merged: np.ndarray) -> None:
+        self._show_round(int(record["round"]), merged)
         self._refresh_export_choices()
         early = (
             f", stopped early after {record['iterations_done']} iterations"
@@ -751,7 +762,7 @@ class SslSegWidget(QWidget):
         )
 
     # ============================================================== rounds
-    def _show_round(self, r: int) -> None:
+    def _show_round(self, r: int, merged: np.ndarray | None = None) -> None:
         """Show round ``r``: merged labels (human on top), editable; confidence image.
 
         The round layers are reused when they exist (ours, or those our reader opened):
@@ -763,7 +774,7 @@ class SslSegWidget(QWidget):
         pseudo = self._round_layer(Labels, "pseudo-labels · round", self.pseudo_layer)
         confidence = self._round_layer(Image, "confidence · round", self.confidence_layer)
         self.round = r
-        merged = project.merged_labels(r)
+        merged = project.merged_labels(r) if merged is None else merged
         common = {
             "scale": image.scale,
             "translate": image.translate,

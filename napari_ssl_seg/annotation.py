@@ -426,6 +426,24 @@ class AnnotationSession:
             self._write, self._snapshot(annotation_data, correction_data), round, merged_round
         )
 
+    def round_labels_async(self, r: int) -> Future:
+        """Refresh ``final`` and merge round ``r``'s labels in the writer thread.
+
+        Returns a Future of the merged (Z, Y, X) uint16 labels (human labels on top). On
+        a large volume this is seconds of reading and writing: off the GUI thread, and in
+        the writer thread so it is ordered with the human edits that also write ``final``.
+        """
+
+        def work() -> np.ndarray:
+            self.project.refresh_final()
+            return self.project.merged_labels(r)
+
+        if self._writer is None:
+            future: Future = Future()
+            future.set_result(work())
+            return future
+        return self._writer.submit(work)
+
     def wait(self, timeout: float | None = None) -> None:
         """Wait until every background write submitted so far is done."""
         if self._writer is not None:

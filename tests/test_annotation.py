@@ -245,3 +245,23 @@ def test_format_slices():
     assert ann.format_slices([9, 3, 4, 5]) == "3-5, 9"
     assert ann.format_slices([]) == ""
     assert ann.format_slices(range(0, 40, 2), limit=3) == "0, 2, 4, …"
+
+
+def test_round_labels_async_refreshes_final_in_the_writer(tmp_path):
+    from napari_ssl_seg.annotation import AnnotationSession
+    from napari_ssl_seg.store import Project
+
+    image = np.arange(4 * 8 * 8, dtype=np.uint16).reshape(4, 8, 8)
+    project = Project.create(tmp_path / "p.zarr", image)
+    writer = project.begin_round()
+    writer.write(..., np.ones(image.shape, np.uint16), np.ones(image.shape, np.float32))
+    writer.commit({"method": "test"}, b"")
+    labels = np.zeros(image.shape, np.uint8)
+    project.annotate_slices(labels, [2])  # a human says slice 2 is all background
+    session = AnnotationSession(project, background=True)
+    try:
+        merged = session.round_labels_async(1).result(timeout=30)
+    finally:
+        session.close()
+    assert merged[2].max() == 0 and merged[[0, 1, 3]].min() == 1
+    np.testing.assert_array_equal(project.final[...], merged)
