@@ -96,7 +96,10 @@ class DiffusionSettings:
     schedule: str = "sigmoid"  # "sigmoid" | "linear" | "cosine"; paper sigmoid (library default)
     pretrain_iterations: int = 200  # stage-1 cycle iterations (0 = no stage 1); paper 200 epochs
     rounds: int = 1  # R pseudo-label rounds per iteration (0 = CPS only); paper 3, 5 or 10
-    chained_rounds: bool = False  # round r conditions on round r-1's mask; paper False
+    # Round r conditions on round r-1's mask; paper False (re-sample from the first mask).
+    # Measured on the sample (3 slices, R=2, 60 iterations, seed 0, no stage 1): Dice 0.938
+    # reference against 0.934 chained, so the reference behaviour stays the default.
+    chained_rounds: bool = False
     diff_weight: float = 1.0  # w_d, weight of the round terms (divided by R); paper 1
     unsup_weight: float = 1.0  # lambda at the end of the ramp; paper 1
     rampup: str = "linear"  # "linear" | "sigmoid"; paper linear, (epoch + 1) / epochs
