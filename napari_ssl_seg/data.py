@@ -25,7 +25,7 @@ from monai.transforms import (
 from napari_ssl_seg.config import TrainConfig
 from napari_ssl_seg.errors import InvalidInputError
 from napari_ssl_seg.methods.base import Batch
-from napari_ssl_seg.store import Project, iter_slabs
+from napari_ssl_seg.store import Project
 
 
 def normalisation(image, axis: int = 0, *, max_samples: int = 2_000_000) -> tuple[float, float]:
@@ -233,5 +233,4 @@ __all__ = [
     "normalise",
     "slice_stack",
     "in_channels",
-    "iter_slabs",
 ]
