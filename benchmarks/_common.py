@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import queue
+import threading
 import resource
 import shlex
 import subprocess
@@ -167,12 +168,16 @@ def run_in_children(
     cores_per_job: int = 2,
     describe: Callable[[dict], str] = lambda job: json.dumps(job),
     timeout: float | None = None,
+    on_result: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Run ``python script --worker JSON --cores C`` once per job, ``parallel`` at a time.
 
     Returns one dict per job, in the order of ``jobs``: what the child printed as its last
     stdout line (JSON), or ``{"error": ...}`` with the end of its stderr when it failed.
+    ``on_result`` is called with each result as it finishes (from a pool thread, one at a
+    time), so a long run that is killed still leaves what it finished.
     """
+    lock = threading.Lock()
     slots: queue.Queue = queue.Queue()
     for slot in core_slots(parallel, cores_per_job, pin):
         slots.put(slot)
@@ -199,7 +204,10 @@ def run_in_children(
             result = {**job, "error": f"exit {getattr(proc, 'returncode', None)}: {tail}"}
         result["process_seconds"] = wall
         result["cores"] = list(cores)
-        done[0] += 1
+        with lock:
+            done[0] += 1
+            if on_result is not None:
+                on_result(result)
         status = "FAILED " + result["error"].splitlines()[-1][:200] if "error" in result else "ok"
         print(
             f"[{done[0]}/{len(jobs)} {time.time() - started:6.0f}s] {describe(result)} {status}",

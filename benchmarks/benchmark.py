@@ -24,6 +24,7 @@ the issue's targets that this run can check). A quick look:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import (
+    RESULTS_DIR,
     VARIANTS,
     command_line,
     finish_worker,
@@ -242,6 +244,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--tag", default="local", help="results/benchmark-<tag>.json and .md")
     parser.add_argument(
+        "--report-from",
+        type=lambda text: [Path(t) for t in text.split(",") if t.strip()],
+        help="run nothing: merge these result files (.json of a run, or the .jsonl a run "
+        "streams as jobs finish) into one table under --tag",
+    )
+    parser.add_argument(
         "--readme",
         type=Path,
         help="also put the table between the "
@@ -268,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"unknown method(s) {unknown}; available: {all_methods()}", file=sys.stderr)
         return 2
     default = TrainConfig().method
+    if args.report_from:
+        return merge_reports(args, methods, default)
     info = machine_info(args.device)
     print(machine_markdown(info, command_line()))
     jobs = [
@@ -296,6 +306,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             else ""
         )
     )
+    stream = RESULTS_DIR / f"benchmark-{args.tag}.jsonl"
+    stream.parent.mkdir(parents=True, exist_ok=True)
+    stream.write_text("")
+
+    def keep(result: dict) -> None:
+        with stream.open("a") as f:
+            f.write(json.dumps({**result, "machine": info["cpu"]}) + "\n")
+
     results = run_in_children(
         Path(__file__),
         jobs,
@@ -303,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pin=args.pin,
         cores_per_job=args.threads,
         describe=describe,
+        on_result=keep,
     )
     markdown = report(results, args, info, methods, default)
     payload = {
@@ -322,6 +341,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + markdown)
     print("wrote " + ", ".join(map(str, paths)))
     return 1 if any("error" in r for r in results) else 0
+
+
+def merge_reports(args, methods: Sequence[str], default: str) -> int:
+    """Build one table from several runs' result files (e.g. a run split across calls)."""
+    results, machines = [], []
+    for path in args.report_from:
+        if not path.is_file():
+            print(f"--report-from: no such file {path}", file=sys.stderr)
+            return 2
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        else:
+            payload = json.loads(path.read_text())
+            rows = payload["results"]
+            machines.append(payload["machine"])
+        results += [r for r in rows if r["method"] in methods]
+    # Restrict the table to what the files hold.
+    for key in ("variants", "slices", "seeds"):
+        field = {"variants": "variant", "slices": "slices", "seeds": "seed"}[key]
+        setattr(args, key, [x for x in getattr(args, key) if any(r[field] == x for r in results)])
+    present = [m for m in methods if any(r["method"] == m for r in results)]
+    info = machines[0] if machines else machine_info(args.device)
+    markdown = report(results, args, info, present, default)
+    sources = ", ".join(str(p) for p in args.report_from)
+    markdown = markdown.replace("\n", f"\n\nMerged from: {sources}.\n", 1)
+    payload = {"command": command_line(), "machine": info, "default_method": default,
+               "sources": sources, "results": results}
+    paths = write_results("benchmark", args.tag, payload, markdown)
+    if args.readme:
+        replace_readme_section(args.readme, "benchmark", markdown.split("\n", 2)[2])
+    print(markdown)
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
 
 
 if __name__ == "__main__":
