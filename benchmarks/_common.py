@@ -12,11 +12,11 @@ import json
 import os
 import platform
 import queue
-import threading
 import resource
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor

@@ -366,8 +366,13 @@ def merge_reports(args, methods: Sequence[str], default: str) -> int:
     markdown = report(results, args, info, present, default)
     sources = ", ".join(str(p) for p in args.report_from)
     markdown = markdown.replace("\n", f"\n\nMerged from: {sources}.\n", 1)
-    payload = {"command": command_line(), "machine": info, "default_method": default,
-               "sources": sources, "results": results}
+    payload = {
+        "command": command_line(),
+        "machine": info,
+        "default_method": default,
+        "sources": sources,
+        "results": results,
+    }
     paths = write_results("benchmark", args.tag, payload, markdown)
     if args.readme:
         replace_readme_section(args.readme, "benchmark", markdown.split("\n", 2)[2])

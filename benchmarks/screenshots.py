@@ -86,7 +86,7 @@ def run(out: Path, iterations: int) -> None:
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         widget.path_edit.setText(str(Path(tmp) / "nuclei.ssl.zarr"))
-        assert widget.open_project(), widget.status_label.text()
+        assert widget.open_project(wait=True), widget.status_label.text()
         widget.set_overrides(iterations=iterations)
         widget.go_to_slice(30)
         wait(lambda: widget.method_combo.count() > 1, 60)

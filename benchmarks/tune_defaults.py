@@ -65,8 +65,14 @@ def main(argv=None) -> None:
     slices = quickstart_slices(args.slices)
     values = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
     settings = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.setting)}
-    config = TrainConfig(method=args.method, iterations=args.iterations, seed=args.seed,
-                         threads=args.threads, settings=settings, **values)
+    config = TrainConfig(
+        method=args.method,
+        iterations=args.iterations,
+        seed=args.seed,
+        threads=args.threads,
+        settings=settings,
+        **values,
+    )
     seed_everything(config.seed)
     with tempfile.TemporaryDirectory() as tmp:
         project = Project.create(f"{tmp}/p.zarr", image)
@@ -95,22 +101,48 @@ def main(argv=None) -> None:
             t1 = time.perf_counter()
             if not args.no_recalibrate:
                 recalibrate_batchnorm(method, _training_inputs(sampler, torch.device("cpu"), n=30))
-            bias = calibrate_background_bias(method, data.image, data.target, data.weight,
-                                             data.human_slices, mode=config.mode,
-                                             device=torch.device("cpu"))
+            bias = calibrate_background_bias(
+                method,
+                data.image,
+                data.target,
+                data.weight,
+                data.human_slices,
+                mode=config.mode,
+                device=torch.device("cpu"),
+            )
             with torch.no_grad():
-                probs = torch.cat([predict_probabilities(method, x_all[i : i + 8])
-                                   for i in range(0, len(x_all), 8)])
+                probs = torch.cat(
+                    [
+                        predict_probabilities(method, x_all[i : i + 8])
+                        for i in range(0, len(x_all), 8)
+                    ]
+                )
             pred = probs.argmax(1).numpy()
             pred_bias = adjust_background(probs, bias).argmax(1).numpy()
             predict_seconds = time.perf_counter() - t1
             d = dice(pred[unannotated], truth[unannotated])
             d_bias = dice(pred_bias[unannotated], truth[unannotated])
-            curve.append({"iteration": step + 1, "train_s": round(train_seconds, 1),
-                          "predict_s": round(predict_seconds, 1), "dice": round(d, 4),
-                          "bias": bias, "dice_calibrated": round(d_bias, 4)})
-            print(json.dumps({"tag": args.set + args.setting, "method": args.method,
-                              "noisy": args.noisy, **curve[-1]}), flush=True)
+            curve.append(
+                {
+                    "iteration": step + 1,
+                    "train_s": round(train_seconds, 1),
+                    "predict_s": round(predict_seconds, 1),
+                    "dice": round(d, 4),
+                    "bias": bias,
+                    "dice_calibrated": round(d_bias, 4),
+                }
+            )
+            print(
+                json.dumps(
+                    {
+                        "tag": args.set + args.setting,
+                        "method": args.method,
+                        "noisy": args.noisy,
+                        **curve[-1],
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -75,11 +75,12 @@ def main(argv=None) -> None:
         state["phase"] = name
         started[name] = time.time()
 
-    enter("open")
+    enter("read image")  # napari's own open: our reader, then napari makes the layer
     viewer.open(path, plugin="napari-ssl-seg")
     widget = SslSegWidget(viewer)
     viewer.window.add_dock_widget(widget, name="SSL Seg")
-    assert widget.open_project(), widget.status_label.text()
+    enter("create project")  # the copy into the Zarr project runs in a thread worker
+    assert widget.open_project(wait=True), widget.status_label.text()
     for z in (40, 150):
         yy, xx = np.nonzero(truth[z])
         widget.annotation_layer.data_setitem((np.full(yy.size, z), yy, xx), 1)

@@ -25,14 +25,16 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QPointF, Qt, QTimer
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
+    QApplication,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -150,6 +152,7 @@ class SslSegWidget(QWidget):
         self._unbound: dict[str, object] = {}
         self._relays: dict[int, _PaintRelay] = {}
         self._closed = False
+        self._opening = None  # the thread worker opening a project, while it runs
         self._build()
         self._method_names: list = []  # filled by a thread: [names]
         threading.Thread(
@@ -327,14 +330,29 @@ class SslSegWidget(QWidget):
         name = self.image_combo.currentText()
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
-    def open_project(self, path: str | Path | None = None) -> bool:
+    def open_project(self, path: str | Path | None = None, *, wait: bool = False) -> bool:
         """Open (or create) the project of the chosen image and wire its layers.
 
         ``path`` defaults to the path field, then to ``<name>.ssl.zarr`` beside the
-        image's file, then asks for a folder. Returns True on success.
+        image's file, then asks for a folder. Creating a project copies the image into
+        it (seconds for a large volume), so the store work runs in a napari thread
+        worker and the layers are wired when it returns; the viewer stays live.
+
+        Parameters
+        ----------
+        wait : bool
+            Keep processing GUI events until the project is open (scripts and tests).
+
+        Returns
+        -------
+        bool
+            False when the request was refused at once (the message says why); True when
+            the opening started, or, with ``wait``, when the project is open.
         """
         if self.job is not None:
             return self._message("A round is running: wait for it, or Stop it first.", "warning")
+        if self._opening is not None:
+            return self._message("A project is being opened: wait for it.", "warning")
         image = self.image_layer_choice()
         if image is None:
             return self._message("Open a 3D image first (File ▸ Open, or a sample).", "warning")
@@ -357,42 +375,88 @@ class SslSegWidget(QWidget):
                 "warning",
             )
         self._close_project()
-        try:
-            scale = tuple(float(s) for s in image.scale)
-            project, created = ann.open_or_create(
-                path,
-                image.data,
-                voxel_size=None if scale == (1.0,) * 3 else scale,
-                source=str(self._source_path(image) or image.name),
-                check_image=own is None or Path(own) != Path(path),
-            )
-            imported = (
-                []
-                if labels is None
-                else ann.import_annotations(
-                    project, labels.data, slices=labels.metadata.get(ANNOTATED_SLICES_KEY)
-                )
-            )
-        except (SslSegError, ValueError, OSError) as err:
-            return self._message(f"Cannot open the project: {err}", "error")
-        self.session = ann.AnnotationSession(project, background=True)
+        scale = tuple(float(s) for s in image.scale)
+        worker = create_worker(
+            _open_project_data,
+            path,
+            image.data,
+            voxel_size=None if scale == (1.0,) * 3 else scale,
+            source=str(self._source_path(image) or image.name),
+            check_image=own is None or Path(own) != Path(path),
+            labels=None if labels is None else labels.data,
+            slices=None if labels is None else labels.metadata.get(ANNOTATED_SLICES_KEY),
+            _progress={"desc": "napari-ssl-seg: opening the project"},
+            _ignore_errors=True,  # errored is handled: a message in the widget
+        )
+        outcome: list[bool] = []
+        worker.returned.connect(
+            lambda opened: outcome.append(self._project_ready(opened, image, labels))
+        )
+        worker.errored.connect(lambda err: outcome.append(self._project_failed(err)))
+        self._opening = worker
+        self._set_busy(False)
+        self.progress_bar.setRange(0, 0)
+        self.progress_bar.setFormat("opening the project…")
+        self._message(f"Opening {path} (a new project copies the image first)…")
+        worker.start()
+        if not wait:
+            return True
+        while not outcome:
+            QApplication.processEvents()
+            time.sleep(0.005)
+        return outcome[0]
+
+    def _project_ready(self, opened: _OpenedProject, image, labels) -> bool:
+        """Wire the layers of a project the worker opened (GUI thread)."""
+        self._opening = None
+        self._reset_progress_bar()
+        gone = image not in self.viewer.layers or (
+            labels is not None and labels not in self.viewer.layers
+        )
+        if self._closed or gone:
+            opened.session.close()
+            if self._closed:
+                return False
+            self._set_busy(False)
+            return self._message("The image or annotation layer was closed meanwhile.", "warning")
+        project = opened.project
+        self.session = opened.session
         self.image_layer = image
         self.path_edit.setText(str(project.path))
         self.settings = ann.load_settings(project.path)
         self._apply_settings()
-        self._attach_annotation_layer(labels, image)
+        self._attach_annotation_layer(labels, image, opened.annotations)
         if project.latest_round:
-            self._show_round(project.latest_round)
+            self._show_round(project.latest_round, opened.merged)
         self._refresh_export_choices()
         self._set_busy(False)
         self._update_slice_info()
-        what = "Created" if created else "Opened"
-        extra = f"; imported annotated slices {ann.format_slices(imported)}" if imported else ""
+        what = "Created" if opened.created else "Opened"
+        extra = (
+            f"; imported annotated slices {ann.format_slices(opened.imported)}"
+            if opened.imported
+            else ""
+        )
         self.project_label.setText(
             f"{project.path.name}: {' × '.join(map(str, project.shape))}, "
             f"{project.latest_round} round(s)"
         )
         return self._message(f"{what} {project.path}{extra}.")
+
+    def _project_failed(self, err: Exception) -> bool:
+        self._opening = None
+        self._reset_progress_bar()
+        if self._closed:
+            return False
+        self._set_busy(False)
+        if not isinstance(err, (SslSegError, ValueError, OSError)):
+            log.error("napari-ssl-seg: opening the project failed", exc_info=err)
+        return self._message(f"Cannot open the project: {err}", "error")
+
+    def _reset_progress_bar(self) -> None:
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.progress_bar.setFormat("")
 
     def _default_path(self, image) -> str:
         source = self._source_path(image)
@@ -423,8 +487,7 @@ class SslSegWidget(QWidget):
         name = self.labels_combo.currentText()
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
-    def _attach_annotation_layer(self, labels, image) -> None:
-        data = np.asarray(self.project.annotations[...])
+    def _attach_annotation_layer(self, labels, image, data: np.ndarray) -> None:
         if labels is None:
             labels = self.viewer.add_labels(
                 data, name="annotations", scale=image.scale, translate=image.translate
@@ -749,9 +812,9 @@ class SslSegWidget(QWidget):
 
     def _set_busy(self, busy: bool) -> None:
         has_project = self.session is not None
-        self.train_button.setEnabled(has_project and not busy)
+        self.train_button.setEnabled(has_project and not busy and self._opening is None)
         self.stop_button.setEnabled(busy)
-        self.open_button.setEnabled(not busy)
+        self.open_button.setEnabled(not busy and self._opening is None)
         for w in (self.mark_button, self.next_button, self.export_button):
             w.setEnabled(has_project)
         self.accept_button.setEnabled(has_project and self.round > 0)
@@ -1076,6 +1139,32 @@ class SslSegWidget(QWidget):
 
 
 # ================================================================ helpers
+class _OpenedProject(NamedTuple):
+    project: object  # napari_ssl_seg.store.Project
+    session: ann.AnnotationSession
+    created: bool
+    imported: list[int]
+    annotations: np.ndarray  # (Z, Y, X) the project's annotation labels
+    merged: np.ndarray | None  # the latest round's merged labels, if any round
+
+
+def _open_project_data(
+    path, image, *, voxel_size, source, check_image, labels, slices
+) -> _OpenedProject:
+    """The store work of opening a project (a worker thread): create or open it, import
+    the annotation layer's slices, read what the layers will show."""
+    project, created = ann.open_or_create(
+        path, image, voxel_size=voxel_size, source=source, check_image=check_image
+    )
+    imported = [] if labels is None else ann.import_annotations(project, labels, slices=slices)
+    annotations = np.asarray(project.annotations[...])
+    latest = project.latest_round
+    merged = project.merged_labels(latest) if latest else None
+    # The session reads which slices are annotated and corrected: seconds on a big volume.
+    session = ann.AnnotationSession(project, background=True)
+    return _OpenedProject(project, session, created, imported, annotations, merged)
+
+
 def _register_task(viewer, description: str, *, cancel):
     # napari (>= 0.6) keeps long-running tasks on the window (still private API): closing
     # it then asks for confirmation and calls ``cancel``. Without it we still stop the

@@ -102,7 +102,8 @@ def cmd_init(args) -> int:
     elif args.annotated_slices:
         raise SslSegError("--annotated-slices needs --labels (the labels of those slices)")
     print(
-        f"project {project.path}: image {project.shape} {project.image.dtype}, axis {project.axis}, "
+        f"project {project.path}: image {project.shape} {project.image.dtype}, "
+        f"axis {project.axis}, "
         f"annotated slices {slices or 'none'}"
     )
     return 0
@@ -123,7 +124,8 @@ def cmd_train(args) -> int:
     record = run_round(project, config, progress=None if args.quiet else ProgressPrinter())
     r = record["round"]
     print(
-        f"round {r} ({record['method']}, {record['iterations_done']} iterations, {record['seconds']} s)"
+        f"round {r} ({record['method']}, {record['iterations_done']} iterations, "
+        f"{record['seconds']} s)"
     )
     print(f"  pseudo-labels: {project.path / record['pseudo_labels']}")
     print(f"  confidence:    {project.path / record['confidence']}")

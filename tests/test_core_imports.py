@@ -22,6 +22,9 @@ CORE = [
 ]
 
 
+GUI = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "magicgui", "vispy")
+
+
 def test_core_is_headless():
     code = (
         "import importlib, sys\n"
@@ -31,7 +34,8 @@ def test_core_is_headless():
         "    except ModuleNotFoundError as e:\n"
         "        if e.name != 'napari_ssl_seg.' + m: raise\n"
         "import napari_ssl_seg.methods as ms; [ms.get_method(n) for n in ms.method_names()]\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'napari', 'magicgui', 'vispy')]\n"
+        f"gui = {GUI!r}\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in gui]\n"
         "print(bad); sys.exit(1 if bad else 0)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -71,7 +71,7 @@ def test_annotation_loop(make_napari_viewer, qtbot, tmp_path, tif, crop):
     _, truth = crop
     viewer = make_napari_viewer()
     widget = open_widget(viewer, tif)
-    assert widget.open_project()
+    assert widget.open_project(wait=True)
     project = widget.project
     assert project.path == tmp_path / "nuclei.ssl.zarr"
     assert project.voxel_size == pytest.approx(VOXEL)
@@ -159,6 +159,7 @@ def test_annotation_loop(make_napari_viewer, qtbot, tmp_path, tif, crop):
     viewer2 = make_napari_viewer()
     viewer2.open(project.path, plugin="napari-ssl-seg")
     widget2 = open_widget(viewer2)  # picks the project up by itself
+    qtbot.waitUntil(lambda: widget2.project is not None and widget2._opening is None)
     assert widget2.project is not None and widget2.project.path == project.path
     assert widget2.session.annotated == {0, 2, 8} and {5, 7} <= widget2.session.corrected
     assert widget2.round == 2 and widget2.pseudo_layer.name == "pseudo-labels · round 2"
@@ -169,6 +170,39 @@ def test_annotation_loop(make_napari_viewer, qtbot, tmp_path, tif, crop):
     assert widget2.train_button.text() == "Retrain (round 3)"
     assert [n for n in viewer2.layers if n.name.startswith("pseudo")] == [widget2.pseudo_layer]
     widget2.close()
+
+
+def test_open_project_runs_in_a_worker(make_napari_viewer, qtbot, tmp_path, tif, monkeypatch):
+    """Creating a project copies the image: the store work must leave the GUI thread."""
+    import threading
+
+    from napari_ssl_seg import annotation as ann
+
+    threads = []
+    real_open_or_create = ann.open_or_create
+
+    def recording(*args, **kwargs):  # the real function, with the thread it ran in noted
+        threads.append(threading.current_thread())
+        return real_open_or_create(*args, **kwargs)
+
+    monkeypatch.setattr(ann, "open_or_create", recording)
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, tif)
+    assert widget.open_project()  # returns at once, before the store work is done
+    assert not widget.open_button.isEnabled() and not widget.train_button.isEnabled()
+    assert not widget.open_project() and "being opened" in widget.status_label.text()
+    qtbot.waitUntil(lambda: widget.project is not None and widget._opening is None)
+    assert threads and threads[0] is not threading.main_thread()
+    assert widget.open_button.isEnabled() and "Created" in widget.status_label.text()
+    assert widget.annotation_layer is viewer.layers["annotations"]
+
+    # A failure in the worker is shown, and the widget is usable again.
+    (tmp_path / "not-a-project.zarr").mkdir()
+    widget.path_edit.setText(str(tmp_path / "not-a-project.zarr"))
+    assert not widget.open_project(wait=True)
+    assert "Cannot open the project" in widget.status_label.text()
+    assert widget.project is None and widget.open_button.isEnabled()
+    widget.close()
 
 
 def test_messages(make_napari_viewer, qtbot, tmp_path, tif, crop):
@@ -182,12 +216,12 @@ def test_messages(make_napari_viewer, qtbot, tmp_path, tif, crop):
     assert not widget.train() and "Open a project first" in widget.status_label.text()
     viewer.add_labels(np.zeros((3, 8, 8), np.uint8), name="wrong")
     widget.labels_combo.setCurrentText("wrong")
-    assert not widget.open_project()
+    assert not widget.open_project(wait=True)
     assert "has shape (3, 8, 8), but the image 'nuclei' has (12, 64, 64)" in (
         widget.status_label.text()
     )
     widget.labels_combo.setCurrentText("(new layer)")
-    assert widget.open_project()
+    assert widget.open_project(wait=True)
     assert not widget.train() and "no annotated slice yet" in widget.status_label.text()
     assert widget.train_button.isEnabled()
 
@@ -218,7 +252,7 @@ def test_messages(make_napari_viewer, qtbot, tmp_path, tif, crop):
 def test_close_during_training_stops_the_child(make_napari_viewer, qtbot, tif, crop):
     viewer = make_napari_viewer()
     widget = open_widget(viewer, tif)
-    widget.open_project()
+    widget.open_project(wait=True)
     paint_slice(widget.annotation_layer, crop[1], 4)
     widget.set_overrides(**{**TINY, "iterations": 100_000})
     assert widget.train()
@@ -240,7 +274,7 @@ def test_gui_stays_responsive_while_training(make_napari_viewer, qtbot, tif, cro
 
     viewer = make_napari_viewer()
     widget = open_widget(viewer, tif)
-    widget.open_project()
+    widget.open_project(wait=True)
     for z in ANNOTATED:
         paint_slice(widget.annotation_layer, crop[1], z)
     widget.set_overrides(**{**TINY, "iterations": 100_000})
