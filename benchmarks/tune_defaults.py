@@ -90,7 +90,8 @@ def main(argv=None) -> None:
     for step in range(config.iterations):
         t0 = time.perf_counter()
         method.train()
-        loss, _ = method.training_loss(sampler.labelled(), sampler.unlabelled(), step)
+        unlabelled = sampler.unlabelled() if method.uses_unlabelled else None  # as the engine
+        loss, _ = method.training_loss(sampler.labelled(), unlabelled, step)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()

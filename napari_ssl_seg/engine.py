@@ -42,6 +42,12 @@ from napari_ssl_seg.store import Project
 Progress = dict[str, Any]
 
 
+#: Training-distribution batches whose BatchNorm statistics are averaged after training
+#: (see :func:`napari_ssl_seg.inference.recalibrate_batchnorm`); 15 measured the same as
+#: 30 on the sample (clean and noisy, seeds 0 and 1) and saves a second per round.
+BATCHNORM_BATCHES = 15
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """CUDA, then MPS, then CPU for "auto"; otherwise the device named."""
     if name == "auto":
@@ -159,6 +165,9 @@ def train_round(
                 method.load_state_dict(ckpt["weights"])
                 initialised_from = f"round {previous}"
     method.to(device)
+    if config.mode != "3d":
+        # oneDNN's NHWC convolutions: a 2D training step 11% faster on a 2-core CPU.
+        method.to(memory_format=torch.channels_last)
     sampler = TwoStreamSampler(data, config)
 
     yield from _pretrain(project, method, sampler, config, device, stop, started)
@@ -174,7 +183,9 @@ def train_round(
             break
         method.train()
         labelled = sampler.labelled().to(device)
-        unlabelled = sampler.unlabelled().to(device)
+        # A prefetching thread for the next batch was tried: slower on 2 cores (17.7 s
+        # against 16.4 s for 200 iterations), the cores being busy with torch already.
+        unlabelled = sampler.unlabelled().to(device) if method.uses_unlabelled else None
         loss, losses = method.training_loss(labelled, unlabelled, step)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -193,7 +204,7 @@ def train_round(
         }
     trained_seconds = time.time() - train_started
 
-    recalibrate_batchnorm(method, _training_inputs(sampler, device, n=30))
+    recalibrate_batchnorm(method, _training_inputs(sampler, device, n=BATCHNORM_BATCHES))
     bias = calibrate_background_bias(
         method,
         data.image,

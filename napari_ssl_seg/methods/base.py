@@ -38,8 +38,12 @@ class Batch:
     weight: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
+        """The batch on ``device``; 2D images in channels-last layout (see the engine)."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.image), move(self.target), move(self.weight))
+        image = move(self.image)
+        if image.ndim == 4:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return Batch(image, move(self.target), move(self.weight))
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,9 @@ class SSLMethod(torch.nn.Module):
     summary: ClassVar[str] = ""
     #: Dataclass of the method's settings (interactive defaults; paper values in comments).
     settings_class: ClassVar[type] = type(None)
+    #: False for a method that learns from labelled batches only: the engine then skips
+    #: drawing (and augmenting) the unlabelled batch and passes None.
+    uses_unlabelled: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -113,11 +120,12 @@ class SSLMethod(torch.nn.Module):
 
     # --- training -----------------------------------------------------------------
     def training_loss(
-        self, labelled: Batch, unlabelled: Batch, step: int
+        self, labelled: Batch, unlabelled: Batch | None, step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Return the scalar loss of one iteration and named float parts for the log.
 
-        ``labelled`` has ``target`` and ``weight``; ``unlabelled`` has only ``image``.
+        ``labelled`` has ``target`` and ``weight``; ``unlabelled`` has only ``image``
+        (None when the class sets ``uses_unlabelled = False``).
         ``step`` counts from 0 to ``total_iterations - 1``.
         """
         raise NotImplementedError

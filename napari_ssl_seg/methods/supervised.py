@@ -30,6 +30,7 @@ class Supervised(SSLMethod):
     name = "supervised"
     summary = "UNet on the labelled slices only (weighted CE + Dice); the baseline."
     settings_class = SupervisedSettings
+    uses_unlabelled = False
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -41,7 +42,7 @@ class Supervised(SSLMethod):
         )
 
     def training_loss(
-        self, labelled: Batch, unlabelled: Batch, step: int
+        self, labelled: Batch, unlabelled: Batch | None, step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         check_labelled(labelled)
         loss = weighted_ce_dice(self.net(labelled.image), labelled.target, labelled.weight)
