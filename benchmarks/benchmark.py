@@ -344,8 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def merge_reports(args, methods: Sequence[str], default: str) -> int:
-    """Build one table from several runs' result files (e.g. a run split across calls)."""
-    results, machines = [], []
+    """Build one table from several runs' result files (e.g. a run split across calls).
+
+    Jobs are keyed by (method, variant, slices, seed): a later file's job replaces an
+    earlier file's, so a re-run of some methods updates their rows.
+    """
+    merged, machines = {}, []
     for path in args.report_from:
         if not path.is_file():
             print(f"--report-from: no such file {path}", file=sys.stderr)
@@ -356,7 +360,10 @@ def merge_reports(args, methods: Sequence[str], default: str) -> int:
             payload = json.loads(path.read_text())
             rows = payload["results"]
             machines.append(payload["machine"])
-        results += [r for r in rows if r["method"] in methods]
+        for r in rows:  # a later file's job replaces an earlier one's (a re-run)
+            if r["method"] in methods:
+                merged[(r["method"], r["variant"], r["slices"], r["seed"])] = r
+    results = list(merged.values())
     # Restrict the table to what the files hold.
     for key in ("variants", "slices", "seeds"):
         field = {"variants": "variant", "slices": "slices", "seeds": "seed"}[key]
