@@ -24,13 +24,8 @@ import torch
 from napari_ssl_seg.cli import _parse_value as parse_value
 from napari_ssl_seg.config import TrainConfig
 from napari_ssl_seg.data import TwoStreamSampler, load_training_set, slice_stack
-from napari_ssl_seg.engine import _training_inputs, build_method, seed_everything
-from napari_ssl_seg.inference import (
-    adjust_background,
-    calibrate_background_bias,
-    predict_probabilities,
-    recalibrate_batchnorm,
-)
+from napari_ssl_seg.engine import build_method, calibrate_after_training, seed_everything
+from napari_ssl_seg.inference import adjust_background, predict_probabilities
 from napari_ssl_seg.metrics import dice
 from napari_ssl_seg.store import Project
 
@@ -79,6 +74,8 @@ def main(argv=None) -> None:
         project.annotate_slices(truth, slices)
         data = load_training_set(project, config)
     method = build_method(config, num_classes=data.num_classes)
+    if config.mode != "3d":
+        method.to(memory_format=torch.channels_last)  # as the engine trains it
     sampler = TwoStreamSampler(data, config)
     params = [p for p in method.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(params, lr=config.lr, weight_decay=1e-4)
@@ -100,16 +97,8 @@ def main(argv=None) -> None:
         train_seconds += time.perf_counter() - t0
         if (step + 1) % args.eval_every == 0 or step + 1 == config.iterations:
             t1 = time.perf_counter()
-            if not args.no_recalibrate:
-                recalibrate_batchnorm(method, _training_inputs(sampler, torch.device("cpu"), n=30))
-            bias = calibrate_background_bias(
-                method,
-                data.image,
-                data.target,
-                data.weight,
-                data.human_slices,
-                mode=config.mode,
-                device=torch.device("cpu"),
+            bias = calibrate_after_training(
+                method, sampler, torch.device("cpu"), batchnorm=not args.no_recalibrate
             )
             with torch.no_grad():
                 probs = torch.cat(

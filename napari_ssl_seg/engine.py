@@ -204,16 +204,7 @@ def train_round(
         }
     trained_seconds = time.time() - train_started
 
-    recalibrate_batchnorm(method, _training_inputs(sampler, device, n=BATCHNORM_BATCHES))
-    bias = calibrate_background_bias(
-        method,
-        data.image,
-        data.target,
-        data.weight,
-        data.human_slices,
-        mode=config.mode,
-        device=device,
-    )
+    bias = calibrate_after_training(method, sampler, device)
     writer = project.begin_round()
     scores = yield from _with_elapsed(
         predict_into_round(
@@ -318,6 +309,29 @@ def _pretrain(
     tmp = path.with_suffix(".partial")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)
+
+
+def calibrate_after_training(
+    method: SSLMethod, sampler: TwoStreamSampler, device: torch.device, *, batchnorm: bool = True
+) -> float:
+    """Make a trained method's predictions trustworthy; return the background bias.
+
+    BatchNorm statistics are re-averaged over ``BATCHNORM_BATCHES`` training-distribution
+    batches (skipped with ``batchnorm=False``), then one background-logit bias is fitted
+    on the human-labelled voxels (:func:`napari_ssl_seg.inference.calibrate_background_bias`).
+    """
+    if batchnorm:
+        recalibrate_batchnorm(method, _training_inputs(sampler, device, n=BATCHNORM_BATCHES))
+    data = sampler.data
+    return calibrate_background_bias(
+        method,
+        data.image,
+        data.target,
+        data.weight,
+        data.human_slices,
+        mode=sampler.config.mode,
+        device=device,
+    )
 
 
 def _training_inputs(sampler: TwoStreamSampler, device: torch.device, *, n: int):
