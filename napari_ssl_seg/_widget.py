@@ -1,6 +1,7 @@
 """The napari widget: annotate slices, train in the background, correct, retrain, export.
 
-The only module that imports Qt and napari. It is thin: the project and the human edits
+With :mod:`napari_ssl_seg._widget_parts` (its layout and Qt helpers), the only module
+that imports Qt and napari. It is thin: the project and the human edits
 belong to :class:`napari_ssl_seg.annotation.AnnotationSession`, training to a
 :class:`napari_ssl_seg.jobs.TrainingJob` (a child process polled from a QTimer, so the
 brush and the slice slider stay live), settings and export to
@@ -25,36 +26,30 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QPointF, Qt, QTimer
-from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QApplication,
-    QComboBox,
     QFileDialog,
-    QFormLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QListWidget,
     QListWidgetItem,
-    QProgressBar,
-    QPushButton,
-    QScrollArea,
-    QSizePolicy,
-    QVBoxLayout,
     QWidget,
 )
 
 from napari_ssl_seg import annotation as ann
 from napari_ssl_seg._reader import PROJECT_KEY, is_project
 from napari_ssl_seg._sample_data import ANNOTATED_SLICES_KEY
+from napari_ssl_seg._widget_parts import (
+    PaintRelay,
+    WidgetLayout,
+    register_task,
+    update_task,
+    watch_history,
+)
 from napari_ssl_seg.config import PRESETS
 from napari_ssl_seg.errors import SslSegError
 from napari_ssl_seg.jobs import TrainingJob, error_summary
@@ -78,51 +73,7 @@ PHASES = {
 }
 
 
-class LossPlot(QWidget):
-    """A small live loss curve (a polyline; no plotting library needed)."""
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.values: list[float] = []
-        self.setMinimumHeight(70)
-        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-
-    def add(self, value: float) -> None:
-        if np.isfinite(value):
-            self.values.append(float(value))
-            self.update()
-
-    def clear(self) -> None:
-        self.values = []
-        self.update()
-
-    def paintEvent(self, event) -> None:  # noqa: N802 - Qt name
-        painter = QPainter(self)
-        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-        rect = self.rect().adjusted(2, 2, -2, -2)
-        painter.fillRect(rect, QColor(0, 0, 0, 60))
-        painter.setPen(QColor(170, 170, 170))
-        if len(self.values) < 2:
-            painter.drawText(rect, Qt.AlignmentFlag.AlignCenter, "loss curve")
-            return
-        step = max(1, len(self.values) // max(rect.width(), 1))
-        values = np.asarray(self.values[::step])
-        lo, hi = float(values.min()), float(values.max())
-        span = hi - lo or 1.0
-        top, height = rect.top() + 14, rect.height() - 16
-        xs = rect.left() + np.linspace(0, rect.width(), len(values))
-        ys = top + height * (1 - (values - lo) / span)
-        painter.drawText(
-            rect.adjusted(4, 0, -4, 0), Qt.AlignmentFlag.AlignLeft, f"loss {self.values[-1]:.3f}"
-        )
-        painter.drawText(
-            rect.adjusted(4, 0, -4, 0), Qt.AlignmentFlag.AlignRight, f"{lo:.3f} – {hi:.3f}"
-        )
-        painter.setPen(QPen(QColor(90, 180, 255), 1.5))
-        painter.drawPolyline(QPolygonF([QPointF(x, y) for x, y in zip(xs, ys, strict=True)]))
-
-
-class SslSegWidget(QWidget):
+class SslSegWidget(WidgetLayout, QWidget):
     """Annotate, train in the background, correct pseudo-labels, retrain, export.
 
     Parameters
@@ -150,7 +101,7 @@ class SslSegWidget(QWidget):
         self._uncertain: list[int] = []
         self._uncertain_pos = -1
         self._unbound: dict[str, object] = {}
-        self._relays: dict[int, _PaintRelay] = {}
+        self._relays: dict[int, PaintRelay] = {}
         self._closed = False
         self._opening = None  # the thread worker opening a project, while it runs
         self._build()
@@ -184,142 +135,6 @@ class SslSegWidget(QWidget):
         chosen = self.image_layer_choice()
         if chosen is not None and PROJECT_KEY in chosen.metadata:
             self.open_project()  # a project opened with our reader: pick it up at once
-
-    # ================================================================ layout
-    def _build(self) -> None:
-        inner = QWidget()
-        column = QVBoxLayout(inner)
-        column.setContentsMargins(4, 4, 4, 4)
-        for build in (
-            self._build_project,
-            self._build_annotate,
-            self._build_train,
-            self._build_review,
-            self._build_export,
-        ):
-            column.addWidget(build())
-        self.status_label = _wrapping_label("")
-        column.addWidget(self.status_label)
-        column.addStretch(1)
-        scroll = QScrollArea(widgetResizable=True)
-        scroll.setWidget(inner)
-        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
-        self.setMinimumWidth(300)
-
-    def _build_project(self) -> QGroupBox:
-        group = QGroupBox("Project")
-        form = QFormLayout(group)
-        self.image_combo = _combo()
-        self.labels_combo = _combo()
-        self.path_edit = QLineEdit(placeholderText="<image>.ssl.zarr beside its file")
-        self.path_edit.setToolTip(
-            "The project directory; empty: <image name>.ssl.zarr "
-            "beside the image file (or a folder you choose)"
-        )
-        browse = QPushButton("Browse…", clicked=self._browse_project)
-        row = QHBoxLayout()
-        row.addWidget(self.path_edit, 1)
-        row.addWidget(browse)
-        self.open_button = QPushButton(
-            "Open / create project", clicked=lambda: self.open_project()
-        )
-        self.project_label = _wrapping_label("No project open.")
-        form.addRow("Image", self.image_combo)
-        form.addRow("Annotations", self.labels_combo)
-        form.addRow("Project", row)
-        form.addRow(self.open_button)
-        form.addRow(self.project_label)
-        return group
-
-    def _build_annotate(self) -> QGroupBox:
-        group = QGroupBox("Annotate")
-        lay = QVBoxLayout(group)
-        lay.addWidget(
-            _wrapping_label(
-                "A painted slice counts as fully annotated: unpainted voxels are background.",
-                muted=True,
-            )
-        )
-        self.annotated_label = _wrapping_label("Annotated slices: –")
-        self.corrected_label = _wrapping_label("Corrected slices: –")
-        self.slice_label = _wrapping_label("Slice –")
-        self.mark_button = QPushButton("Mark slice as background", clicked=self.toggle_slice_mark)
-        self.mark_button.setToolTip(
-            "Count the current slice as annotated even if it is "
-            "empty (all background), or forget its annotation"
-        )
-        for w in (self.annotated_label, self.corrected_label, self.slice_label, self.mark_button):
-            lay.addWidget(w)
-        return group
-
-    def _build_train(self) -> QGroupBox:
-        group = QGroupBox("Train")
-        form = QFormLayout(group)
-        self.method_combo = _combo()
-        self.preset_combo = _combo()
-        self.device_combo = _combo()
-        self.device_combo.addItems(ann.DEVICES)
-        form.addRow("Method", self.method_combo)
-        form.addRow("Budget", self.preset_combo)
-        form.addRow("Device", self.device_combo)
-        self.train_button = QPushButton("Train", clicked=lambda: self.train())
-        self.train_button.setToolTip("Train a round in the background (Shift-T)")
-        self.stop_button = QPushButton("Stop", clicked=lambda: self.stop())
-        self.stop_button.setToolTip("Stop at the next iteration; the round is still saved")
-        row = QHBoxLayout()
-        row.addWidget(self.train_button, 1)
-        row.addWidget(self.stop_button, 1)
-        form.addRow(row)
-        self.progress_bar = QProgressBar(textVisible=True)
-        self.time_label = QLabel("")
-        self.loss_plot = LossPlot()
-        for w in (self.progress_bar, self.time_label, self.loss_plot):
-            form.addRow(w)
-        self._fill_presets()
-        self.method_combo.currentTextChanged.connect(lambda v: self._set_setting("method", v))
-        self.preset_combo.currentIndexChanged.connect(
-            lambda _: self._choose_preset(self.preset_combo.currentData())
-        )
-        self.device_combo.currentTextChanged.connect(lambda v: self._set_setting("device", v))
-        return group
-
-    def _build_review(self) -> QGroupBox:
-        group = QGroupBox("Least confident slices")
-        lay = QVBoxLayout(group)
-        self.uncertain_list = QListWidget()
-        self.uncertain_list.setMaximumHeight(90)
-        self.uncertain_list.itemActivated.connect(self._jump_to_item)
-        self.uncertain_list.itemClicked.connect(self._jump_to_item)
-        row = QHBoxLayout()
-        self.next_button = QPushButton("Next uncertain (N)", clicked=lambda: self.next_uncertain())
-        self.accept_button = QPushButton("Accept slice (A)", clicked=lambda: self.accept_slice())
-        self.accept_button.setToolTip(
-            "Record the whole current slice of the pseudo-labels as human-verified"
-        )
-        row.addWidget(self.next_button, 1)
-        row.addWidget(self.accept_button, 1)
-        lay.addWidget(self.uncertain_list)
-        lay.addLayout(row)
-        return group
-
-    def _build_export(self) -> QGroupBox:
-        group = QGroupBox("Export masks")
-        form = QFormLayout(group)
-        self.export_combo = _combo()
-        self.format_combo = _combo()
-        self.format_combo.addItems(ann.EXPORT_FORMATS)
-        self.export_button = QPushButton("Export…", clicked=self._export_clicked)
-        form.addRow("Labels", self.export_combo)
-        form.addRow("Format", self.format_combo)
-        form.addRow(self.export_button)
-        self.format_combo.currentTextChanged.connect(
-            lambda v: self._set_setting("export_format", v)
-        )
-        return group
 
     # ============================================================== project
     @property
@@ -377,7 +192,7 @@ class SslSegWidget(QWidget):
         self._close_project()
         scale = tuple(float(s) for s in image.scale)
         worker = create_worker(
-            _open_project_data,
+            ann.open_project_state,
             path,
             image.data,
             voxel_size=None if scale == (1.0,) * 3 else scale,
@@ -406,7 +221,7 @@ class SslSegWidget(QWidget):
             time.sleep(0.005)
         return outcome[0]
 
-    def _project_ready(self, opened: _OpenedProject, image, labels) -> bool:
+    def _project_ready(self, opened: ann.OpenedProject, image, labels) -> bool:
         """Wire the layers of a project the worker opened (GUI thread)."""
         self._opening = None
         self._reset_progress_bar()
@@ -520,9 +335,9 @@ class SslSegWidget(QWidget):
             if not self._save_timer.isActive():
                 self._save_timer.start()  # not restarted per stroke: bounded latency
 
-        relay = _PaintRelay(on_item)
+        relay = PaintRelay(on_item)
         layer.events.paint.connect(relay)
-        _watch_history(layer, on_item)
+        watch_history(layer, on_item)
         self._relays[id(layer)] = relay
 
     def _unwatch(self, layer) -> None:
@@ -695,7 +510,7 @@ class SslSegWidget(QWidget):
         job.start()
         self.job, self._job_box[:] = job, [job]
         # napari asks before closing a window with a busy task, then cancels it.
-        self._task = _register_task(
+        self._task = register_task(
             self.viewer,
             f"training round {self.project.latest_round + 1}",
             cancel=lambda: job.shutdown(STOP_TIMEOUT_S),
@@ -735,7 +550,7 @@ class SslSegWidget(QWidget):
                 self._round_failed(payload)
         if job.finished and not job.is_running:
             job.join(0)
-            _update_task(self.viewer, self._task, "FAILED" if job.error else "COMPLETED")
+            update_task(self.viewer, self._task, "FAILED" if job.error else "COMPLETED")
             self._task = None
             self.job, self._job_box[:] = None, []
             self._poll_timer.stop()
@@ -1123,7 +938,7 @@ class SslSegWidget(QWidget):
         if self.job is not None:
             self.job.shutdown(STOP_TIMEOUT_S)
             self.job, self._job_box[:] = None, []
-            _update_task(self.viewer, self._task, "CANCELLED")
+            update_task(self.viewer, self._task, "CANCELLED")
         self._end_progress()
         self._unbind_keys()
         for layer in (self.annotation_layer, self.pseudo_layer):
@@ -1139,103 +954,10 @@ class SslSegWidget(QWidget):
 
 
 # ================================================================ helpers
-class _OpenedProject(NamedTuple):
-    project: object  # napari_ssl_seg.store.Project
-    session: ann.AnnotationSession
-    created: bool
-    imported: list[int]
-    annotations: np.ndarray  # (Z, Y, X) the project's annotation labels
-    merged: np.ndarray | None  # the latest round's merged labels, if any round
-
-
-def _open_project_data(
-    path, image, *, voxel_size, source, check_image, labels, slices
-) -> _OpenedProject:
-    """The store work of opening a project (a worker thread): create or open it, import
-    the annotation layer's slices, read what the layers will show."""
-    project, created = ann.open_or_create(
-        path, image, voxel_size=voxel_size, source=source, check_image=check_image
-    )
-    imported = [] if labels is None else ann.import_annotations(project, labels, slices=slices)
-    annotations = np.asarray(project.annotations[...])
-    latest = project.latest_round
-    merged = project.merged_labels(latest) if latest else None
-    # The session reads which slices are annotated and corrected: seconds on a big volume.
-    session = ann.AnnotationSession(project, background=True)
-    return _OpenedProject(project, session, created, imported, annotations, merged)
-
-
-def _register_task(viewer, description: str, *, cancel):
-    # napari (>= 0.6) keeps long-running tasks on the window (still private API): closing
-    # it then asks for confirmation and calls ``cancel``. Without it we still stop the
-    # child from ``destroyed``.
-    register = getattr(viewer.window, "_register_task_status", None)
-    if register is None:
-        return None
-    from napari.utils.task_status import Status
-
-    return register("napari-ssl-seg", Status.BUSY, description, cancel_callback=cancel)
-
-
-def _update_task(viewer, task, status: str) -> None:
-    update = getattr(viewer.window, "_update_task_status", None)
-    if task is None or update is None:
-        return
-    from napari.utils.task_status import Status
-
-    update(task, Status[status])
-
-
 def _load_method_names(out: list) -> None:
     from napari_ssl_seg.methods import method_names
 
     out.append(method_names())
-
-
-class _PaintRelay:
-    """Callable connected to ``events.paint``; kept so that it can be disconnected."""
-
-    def __init__(self, on_item) -> None:
-        self.on_item = on_item
-
-    def __call__(self, event) -> None:
-        self.on_item(event.value)
-
-
-def _watch_history(layer, on_item) -> None:
-    # napari (0.9) applies undo/redo without a paint event; wrap this layer's undo and
-    # redo (what the Ctrl-Z actions call) to report the item they replayed. The item
-    # they move to the other deque is the one applied.
-    undo, redo = layer.undo, layer.redo
-
-    def replay(method, after: str):
-        def call():
-            before = len(getattr(layer, "_" + after, ()))
-            method()
-            moved = getattr(layer, "_" + after, ())
-            if len(moved) > before or (moved and len(moved) == moved.maxlen):
-                on_item(moved[-1])
-
-        return call
-
-    layer.undo = replay(undo, "redo_history")
-    layer.redo = replay(redo, "undo_history")
-
-
-def _combo() -> QComboBox:
-    combo = QComboBox()
-    # Shrink with the dock instead of growing to the longest entry.
-    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-    combo.setMinimumContentsLength(8)
-    return combo
-
-
-def _wrapping_label(text: str, *, muted: bool = False) -> QLabel:
-    label = QLabel(text)
-    label.setWordWrap(True)
-    if muted:
-        label.setStyleSheet("color: gray;")
-    return label
 
 
 def _duration(seconds: float) -> str:

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -39,6 +39,8 @@ from napari_ssl_seg.errors import InvalidInputError
 from napari_ssl_seg.store import Edit, Project, _atomic_write_bytes
 
 __all__ = [
+    "OpenedProject",
+    "open_project_state",
     "DEVICES",
     "AnnotationSession",
     "EditBuffer",
@@ -557,6 +559,60 @@ class AnnotationSession:
         other = tuple(a for a in range(3) if a != axis)
         start = region[axis].start
         return [start + int(k) for k in np.flatnonzero(mask.any(axis=other))]
+
+
+class OpenedProject(NamedTuple):
+    """What :func:`open_project_state` hands the widget: the project and its layers' data."""
+
+    project: object  # napari_ssl_seg.store.Project
+    session: AnnotationSession
+    created: bool
+    imported: list[int]
+    annotations: np.ndarray  # (Z, Y, X) the project's annotation labels
+    merged: np.ndarray | None  # the latest round's merged labels, if any round
+
+
+def open_project_state(
+    path: str | os.PathLike,
+    image,
+    *,
+    voxel_size: Sequence[float] | None = None,
+    source: str = "",
+    check_image: bool = True,
+    labels=None,
+    slices: Iterable[int] | None = None,
+) -> OpenedProject:
+    """Everything opening a project in the widget needs, read off the GUI thread.
+
+    Opens or creates the project (:func:`open_or_create`: creating copies the image,
+    seconds for a large volume), imports the annotated slices of ``labels`` (a Labels
+    layer's data painted before the project existed, see :func:`import_annotations`),
+    reads the annotations and the latest round's merged labels, and starts an
+    :class:`AnnotationSession` with a background writer.
+
+    Parameters
+    ----------
+    image : (Z, Y, X) array-like
+    labels : (Z, Y, X) integer array, optional
+    slices : iterable of int, optional
+        The slices of ``labels`` that count as annotated (default: those holding labels).
+
+    Returns
+    -------
+    OpenedProject
+        ``annotations`` is a (Z, Y, X) array of the project's annotation labels;
+        ``merged`` the latest round's merged labels, or None before any round.
+    """
+    project, created = open_or_create(
+        path, image, voxel_size=voxel_size, source=source, check_image=check_image
+    )
+    imported = [] if labels is None else import_annotations(project, labels, slices=slices)
+    annotations = np.asarray(project.annotations[...])
+    latest = project.latest_round
+    merged = project.merged_labels(latest) if latest else None
+    # The session reads which slices are annotated and corrected: seconds on a big volume.
+    session = AnnotationSession(project, background=True)
+    return OpenedProject(project, session, created, imported, annotations, merged)
 
 
 def _whole_slices(region: Region, shape: Sequence[int], axis: int) -> Region:

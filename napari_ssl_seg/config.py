@@ -15,8 +15,9 @@ from napari_ssl_seg.errors import InvalidInputError
 
 MODES = ("2d", "2.5d", "3d")
 INITS = ("previous", "scratch")
-#: Budget presets the widget offers (iterations of the default method).
-PRESETS = {"quick": 150, "balanced": 400, "thorough": 1200}
+#: Budget presets the widget offers (iterations of the default method); "quick", the
+#: widget's default, is TrainConfig's default round (the CLI's).
+PRESETS = {"quick": 180, "balanced": 400, "thorough": 1200}
 
 
 @dataclass

@@ -177,6 +177,32 @@ def test_open_or_create_and_import(tmp_path):
         ann.import_annotations(project, labels, slices=[9])
 
 
+def test_open_project_state(tmp_path, tiny_config):
+    from napari_ssl_seg.engine import run_round
+
+    image = np.random.default_rng(0).integers(0, 100, SHAPE).astype(np.uint16)
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[2, 3:6, 3:6] = 1
+    path = tmp_path / "p.ssl.zarr"
+    first = ann.open_project_state(path, image, labels=labels, slices=[0, 2])
+    try:
+        assert first.created and first.imported == [0, 2] and first.merged is None
+        np.testing.assert_array_equal(first.annotations, labels)
+        assert first.session.annotated == {0, 2}
+        run_round(first.project, tiny_config())
+    finally:
+        first.session.close()
+    again = ann.open_project_state(path, image, labels=labels)
+    try:
+        assert not again.created and again.imported == []  # nothing new to import
+        np.testing.assert_array_equal(again.merged, again.project.merged_labels(1))
+        np.testing.assert_array_equal(again.merged[2], labels[2])  # human labels on top
+    finally:
+        again.session.close()
+    with pytest.raises(SignatureMismatchError):
+        ann.open_project_state(path, image + 1)
+
+
 # ---------------------------------------------------------------- settings
 def test_settings_round_trip(tmp_path):
     assert ann.load_settings(tmp_path) == ann.default_settings()  # nothing saved yet
@@ -198,6 +224,7 @@ def test_settings_round_trip(tmp_path):
         32,
     )
     assert ann.build_config(ann.default_settings()).iterations == PRESETS["quick"]
+    assert PRESETS["quick"] == TrainConfig().iterations  # the widget's default = the CLI's
     assert ann.build_config(ann.default_settings()).method == TrainConfig().method
 
 
