@@ -52,7 +52,8 @@ class TrainConfig:
     dropout : float
         Dropout in the UNet blocks.
     init : {"previous", "scratch"}
-        Start round r+1 from round r's weights (faster, the default) or from scratch.
+        Start round r+1 from round r's weights or from scratch (the default; same cost
+        per round, measured better, see the default's comment).
     pseudo_threshold : float
         Round r+1 learns from round r's pseudo-labels where its confidence (max class
         probability) is at least this; human voxels always win.
@@ -85,7 +86,12 @@ class TrainConfig:
     features: tuple[int, ...] = (16, 32, 64, 128, 256, 16)
     norm: str = "batch"
     dropout: float = 0.0
-    init: str = "previous"
+    # Retraining from scratch on human labels + corrections + round r's pseudo-labels
+    # beat continuing from round r's weights in every case measured (Dice on the untouched
+    # slices after 1 and 2 retrain rounds, 2 corrections each, 3 slices, 2 cores): clean
+    # seed 0 0.972/0.975 vs 0.964/0.967, seed 1 0.970/0.972 vs 0.963/0.966, noisy seed 0
+    # 0.939/0.939 vs 0.934/0.931. Continuing kept round r's boundary bias.
+    init: str = "scratch"
     pseudo_threshold: float = 0.9
     pseudo_weight: float = 0.5
     human_fraction: float = 0.5

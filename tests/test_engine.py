@@ -58,7 +58,7 @@ def test_corrections_survive_retraining(tiny_project, tiny_config):
     corrections = project.corrections[...].copy()
     corrected = project.corrected[...].copy()
     annotations = project.annotations[...].copy()
-    record = run_round(project, tiny_config(seed=1))
+    record = run_round(project, tiny_config(seed=1, init="previous"))
     assert record["round"] == 2 and record["initialised_from"] == "round 1"
     assert record["pseudo_labels_from_round"] == 1
     np.testing.assert_array_equal(project.corrections[...], corrections)
