@@ -219,6 +219,20 @@ def run_in_children(
         return list(pool.map(run_one, jobs))
 
 
+def add_variants_argument(parser) -> None:
+    """``--variants clean,noisy``: a comma-separated subset of VARIANTS, checked on parsing."""
+    import argparse
+
+    def variants(text: str) -> list[str]:
+        chosen = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [v for v in chosen if v not in VARIANTS]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; allowed: {list(VARIANTS)}")
+        return chosen
+
+    parser.add_argument("--variants", type=variants, default=list(VARIANTS))
+
+
 def worker_arguments(parser) -> None:
     """The hidden options a script's child process is started with."""
     import argparse

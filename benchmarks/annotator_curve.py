@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import (
-    VARIANTS,
+    add_variants_argument,
     command_line,
     finish_worker,
     load_variant,
@@ -214,7 +214,7 @@ def report(results: list[dict], args, info: dict) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ints = lambda text: [int(t) for t in text.split(",")]  # noqa: E731
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", type=lambda t: t.split(","), default=list(VARIANTS))
+    add_variants_argument(parser)
     parser.add_argument("--seeds", type=ints, default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3, help="retrain rounds after round 1")
     parser.add_argument("--per-round", type=int, default=2, help="slices corrected per round")
@@ -229,9 +229,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tag", default="local")
     worker_arguments(parser)
     args = parser.parse_args(argv)
-    bad = [v for v in args.variants if v not in VARIANTS]
-    if bad:
-        parser.error(f"--variants: unknown {bad}; allowed: {list(VARIANTS)}")
     if args.rounds < 1 or args.per_round < 1:
         parser.error(
             f"--rounds and --per-round must be >= 1, got {args.rounds} and {args.per_round}"

@@ -34,6 +34,7 @@ import numpy as np
 from _common import (
     RESULTS_DIR,
     VARIANTS,
+    add_variants_argument,
     command_line,
     finish_worker,
     load_variant,
@@ -228,7 +229,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--methods", type=words, help="comma-separated (default: all, baselines included)"
     )
-    parser.add_argument("--variants", type=words, default=list(VARIANTS))
+    add_variants_argument(parser)
     parser.add_argument("--slices", type=ints, default=[1, 3, 5], help="annotated slice counts")
     parser.add_argument("--seeds", type=ints, default=[0, 1, 2])
     parser.add_argument(
@@ -257,9 +258,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     worker_arguments(parser)
     args = parser.parse_args(argv)
-    bad = [v for v in args.variants if v not in VARIANTS]
-    if bad:
-        parser.error(f"--variants: unknown {bad}; allowed: {list(VARIANTS)}")
     return args
 
 
@@ -335,12 +333,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "default_method": default,
         "results": results,
     }
+    publish(args, payload, markdown)
+    return 1 if any("error" in r for r in results) else 0
+
+
+def publish(args, payload: dict, markdown: str) -> None:
+    """Write the results files (and the README section with ``--readme``); print the table."""
     paths = write_results("benchmark", args.tag, payload, markdown)
     if args.readme:
         replace_readme_section(args.readme, "benchmark", markdown.split("\n", 2)[2])
     print("\n" + markdown)
     print("wrote " + ", ".join(map(str, paths)))
-    return 1 if any("error" in r for r in results) else 0
 
 
 def merge_reports(args, methods: Sequence[str], default: str) -> int:
@@ -380,11 +383,7 @@ def merge_reports(args, methods: Sequence[str], default: str) -> int:
         "sources": sources,
         "results": results,
     }
-    paths = write_results("benchmark", args.tag, payload, markdown)
-    if args.readme:
-        replace_readme_section(args.readme, "benchmark", markdown.split("\n", 2)[2])
-    print(markdown)
-    print("wrote " + ", ".join(map(str, paths)))
+    publish(args, payload, markdown)
     return 0
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import (
-    VARIANTS,
+    add_variants_argument,
     command_line,
     load_variant,
     machine_info,
@@ -194,7 +194,7 @@ def report(results: list[dict], args, info: dict, method: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", type=lambda t: t.split(","), default=list(VARIANTS))
+    add_variants_argument(parser)
     parser.add_argument("--seeds", type=lambda t: [int(s) for s in t.split(",")], default=[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads and RF jobs")
     parser.add_argument(
@@ -204,9 +204,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, help="default: TrainConfig's")
     parser.add_argument("--tag", default="local")
     args = parser.parse_args(argv)
-    bad = [v for v in args.variants if v not in VARIANTS]
-    if bad:
-        parser.error(f"--variants: unknown {bad}; allowed: {list(VARIANTS)}")
     pin_to([int(c) for c in args.cores.split(",")] if args.cores else [], args.threads)
 
     from napari_ssl_seg.config import TrainConfig
