@@ -74,8 +74,6 @@ def main(argv=None) -> None:
         project.annotate_slices(truth, slices)
         data = load_training_set(project, config)
     method = build_method(config, num_classes=data.num_classes)
-    if config.mode != "3d":
-        method.to(memory_format=torch.channels_last)  # as the engine trains it
     sampler = TwoStreamSampler(data, config)
     params = [p for p in method.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(params, lr=config.lr, weight_decay=1e-4)

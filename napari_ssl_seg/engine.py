@@ -71,7 +71,7 @@ def seed_everything(seed: int) -> None:
 def build_method(config: TrainConfig, *, num_classes: int) -> SSLMethod:
     """Instantiate ``config.method`` with the backbone and method settings of ``config``."""
     cls = get_method(config.method)
-    return cls(
+    method = cls(
         in_channels=in_channels(config.mode),
         num_classes=num_classes,
         spatial_dims=3 if config.mode == "3d" else 2,
@@ -79,6 +79,11 @@ def build_method(config: TrainConfig, *, num_classes: int) -> SSLMethod:
         network=NetworkConfig(features=config.features, norm=config.norm, dropout=config.dropout),
         settings=cls.make_settings(config.settings),
     )
+    if config.mode != "3d":
+        # oneDNN's NHWC convolutions: on a 2-core CPU a 2D training step is 11% faster and
+        # whole-volume prediction 1.6x. Loaded weights keep the layout (copied in place).
+        method.to(memory_format=torch.channels_last)
+    return method
 
 
 def checkpoint_bytes(method: SSLMethod, config: TrainConfig, extra: dict[str, Any]) -> bytes:
@@ -165,9 +170,6 @@ def train_round(
                 method.load_state_dict(ckpt["weights"])
                 initialised_from = f"round {previous}"
     method.to(device)
-    if config.mode != "3d":
-        # oneDNN's NHWC convolutions: a 2D training step 11% faster on a 2-core CPU.
-        method.to(memory_format=torch.channels_last)
     sampler = TwoStreamSampler(data, config)
 
     yield from _pretrain(project, method, sampler, config, device, stop, started)
