@@ -51,6 +51,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-recalibrate", action="store_true")
     parser.add_argument("--set", action="append", default=[], help="TrainConfig key=value")
     parser.add_argument("--setting", action="append", default=[], help="method setting key=value")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--save-probs", help="save the last evaluation's (Z, K, H, W) probabilities (.npy)")
     args = parser.parse_args(argv)
 
     from napari_ssl_seg._sample_data import quickstart_slices
@@ -73,7 +75,8 @@ def main(argv=None) -> None:
         project = Project.create(f"{tmp}/p.zarr", image)
         project.annotate_slices(truth, slices)
         data = load_training_set(project, config)
-    method = build_method(config, num_classes=data.num_classes)
+    device = torch.device(args.device)
+    method = build_method(config, num_classes=data.num_classes).to(device)
     sampler = TwoStreamSampler(data, config)
     params = [p for p in method.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(params, lr=config.lr, weight_decay=1e-4)
@@ -86,7 +89,9 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         method.train()
         unlabelled = sampler.unlabelled() if method.uses_unlabelled else None  # as the engine
-        loss, _ = method.training_loss(sampler.labelled(), unlabelled, step)
+        if unlabelled is not None:
+            unlabelled = unlabelled.to(device)
+        loss, _ = method.training_loss(sampler.labelled().to(device), unlabelled, step)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -96,15 +101,17 @@ def main(argv=None) -> None:
         if (step + 1) % args.eval_every == 0 or step + 1 == config.iterations:
             t1 = time.perf_counter()
             bias = calibrate_after_training(
-                method, sampler, torch.device("cpu"), batchnorm=not args.no_recalibrate
+                method, sampler, device, batchnorm=not args.no_recalibrate
             )
             with torch.no_grad():
                 probs = torch.cat(
                     [
-                        predict_probabilities(method, x_all[i : i + 8])
+                        predict_probabilities(method, x_all[i : i + 8].to(device)).cpu()
                         for i in range(0, len(x_all), 8)
                     ]
                 )
+            if args.save_probs:
+                np.save(args.save_probs, adjust_background(probs, bias).numpy())
             pred = probs.argmax(1).numpy()
             pred_bias = adjust_background(probs, bias).argmax(1).numpy()
             predict_seconds = time.perf_counter() - t1
@@ -126,6 +133,8 @@ def main(argv=None) -> None:
                         "tag": args.set + args.setting,
                         "method": args.method,
                         "noisy": args.noisy,
+                        "slices": args.slices,
+                        "seed": args.seed,
                         **curve[-1],
                     }
                 ),

@@ -62,6 +62,11 @@ class TrainConfig:
     human_fraction : float
         Share of the labelled stream drawn from human-labelled slices once pseudo-labels
         exist (the rest from pseudo-labelled slices).
+    vote : int
+        Width in voxels of the majority vote applied to the predicted labels (odd; 1 =
+        off). In-plane it is this wide; along the slicing axis it is scaled by the voxel
+        size, so a volume with thick slices is voted on in-plane only (see
+        :func:`napari_ssl_seg.inference.majority_vote`).
     settings : dict
         The method's own settings (``napari-ssl-seg methods`` lists them and defaults).
     """
@@ -95,6 +100,9 @@ class TrainConfig:
     pseudo_threshold: float = 0.9
     pseudo_weight: float = 0.5
     human_fraction: float = 0.5
+    # 5 voxels: the sample, 3 slices, supervised, 2 cores, seeds 0/1 -> noisy Dice 0.934/0.927
+    # to 0.958/0.959, clean 0.972/0.961 to 0.974/0.966 (3: a little less on every case).
+    vote: int = 5
     settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -112,6 +120,7 @@ class TrainConfig:
             (self.pseudo_weight >= 0, "pseudo_weight", ">= 0"),
             (0.0 < self.human_fraction <= 1.0, "human_fraction", "in (0, 1]"),
             (self.threads >= 0, "threads", ">= 0"),
+            (self.vote >= 1 and self.vote % 2 == 1, "vote", "an odd integer >= 1"),
         ]
         for ok, name, allowed in checks:
             if not ok:

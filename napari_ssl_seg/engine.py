@@ -217,6 +217,7 @@ def train_round(
             mode=config.mode,
             device=device,
             background_bias=bias,
+            vote_window=vote_window(config.vote, project),
         ),
         started,
     )
@@ -311,6 +312,21 @@ def _pretrain(
     tmp = path.with_suffix(".partial")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)
+
+
+def vote_window(width: int, project: Project) -> tuple[int, int, int]:
+    """The majority-vote box (slices, rows, columns) for ``TrainConfig.vote`` = ``width``.
+
+    In-plane ``width`` voxels; along the slicing axis the same physical extent where the
+    voxel size is known (rounded to an odd count, at least 1), else ``width`` voxels.
+    """
+    along = width
+    if project.voxel_size is not None and width > 1:
+        spacing = project.voxel_size[project.axis]
+        plane = [v for i, v in enumerate(project.voxel_size) if i != project.axis]
+        along = width * float(np.mean(plane)) / spacing
+        along = max(1, int(round((along - 1) / 2)) * 2 + 1)
+    return (along, width, width)
 
 
 def calibrate_after_training(

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage as ndi
 from monai.inferers import sliding_window_inference
 
 from napari_ssl_seg.data import normalise, slice_stack
@@ -73,8 +74,9 @@ def recalibrate_batchnorm(method: SSLMethod, batches: Iterable[torch.Tensor]) ->
     several Dice points from one iteration to the next. Averaging the statistics over
     many training-distribution batches (cumulative average) removes that noise. Whole
     slices are *not* used: their statistics differ from the training crops' and shift the
-    boundaries (measured: Dice 0.955 -> 0.917 on the sample). Only plain UNet backbones
-    (``BasicUNet``, ``DualHeadUNet``) are recalibrated.
+    boundaries (measured: Dice 0.955 -> 0.917 on the sample). The batches go through every
+    plain UNet backbone (``BasicUNet``, ``DualHeadUNet``) of the method, or through the
+    method's own ``batchnorm_forward(x)`` where it defines one (the diffusion method).
 
     Parameters
     ----------
@@ -84,37 +86,45 @@ def recalibrate_batchnorm(method: SSLMethod, batches: Iterable[torch.Tensor]) ->
     Returns
     -------
     int
-        Number of BatchNorm layers recalibrated.
+        Number of BatchNorm layers recalibrated (those the forward passes reach).
     """
     from monai.networks.nets import BasicUNet
 
     from napari_ssl_seg.models import DualHeadUNet
 
-    nets = [m for m in method.modules() if isinstance(m, BasicUNet | DualHeadUNet)]
-    nets = [n for n in nets if not any(n is not o and n in set(o.modules()) for o in nets)]
-    norms = [
-        m
-        for n in nets
-        for m in n.modules()
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-    ]
-    if not norms:
-        return 0
-    saved = [(m, m.momentum) for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the recalibration batches
-    modes = [(n, n.training) for n in nets]
-    for net in nets:
-        net.train()
-    for x in batches:
-        for net in nets:
-            net(x)
-    for net, was_training in modes:
-        net.train(was_training)
-    for m, momentum in saved:
-        m.momentum = momentum
-    return len(norms)
+    forward = getattr(method, "batchnorm_forward", None)
+    if forward is None:
+        nets = [m for m in method.modules() if isinstance(m, BasicUNet | DualHeadUNet)]
+        nets = [n for n in nets if not any(n is not o and n in set(o.modules()) for o in nets)]
+
+        def forward(x: torch.Tensor) -> None:
+            for net in nets:
+                net(x)
+
+    # A layer is reset on its first call, so layers the forward never reaches (the
+    # diffusion teacher's image pathway) keep their statistics.
+    momenta: dict[torch.nn.Module, float | None] = {}
+
+    def reset_on_first_call(module: torch.nn.Module, _inputs) -> None:
+        if module not in momenta:
+            momenta[module] = module.momentum
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the recalibration batches
+
+    norms = [m for m in method.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    hooks = [m.register_forward_pre_hook(reset_on_first_call) for m in norms]
+    was_training = method.training
+    method.train()
+    try:
+        for x in batches:
+            forward(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        method.train(was_training)
+        for module, momentum in momenta.items():
+            module.momentum = momentum
+    return len(momenta)
 
 
 def adjust_background(probs: torch.Tensor, bias: float) -> torch.Tensor:
@@ -197,9 +207,13 @@ def predict_into_round(
     mode: str,
     device: torch.device,
     background_bias: float = 0.0,
+    vote_window: tuple[int, int, int] = (1, 1, 1),
     voxels_per_batch: int = 2**20,
 ) -> Iterator[dict]:
     """Predict every slice of the project into ``writer``; yields progress dicts.
+
+    ``vote_window`` (slices, rows, columns; odd) applies :func:`majority_vote` to the
+    predicted labels before they are written; (1, 1, 1) writes the network's argmax.
 
     Returns (as the generator's value) the per-slice uncertainty score: the mean of
     1 - confidence over the slice's voxels that no human labelled (NaN for slices that
@@ -207,6 +221,48 @@ def predict_into_round(
     """
     axis, n = project.axis, project.n_slices
     scores = np.full(n, np.nan, np.float64)
+    slabs = _predicted_slabs(
+        project,
+        method,
+        norm=norm,
+        mode=mode,
+        device=device,
+        background_bias=background_bias,
+        voxels_per_batch=voxels_per_batch,
+    )
+    if any(w > 1 for w in vote_window):
+        slabs = majority_vote(slabs, n, vote_window, num_classes=method.num_classes)
+    for start, stop, labels, confidence in slabs:
+        index = _along(axis, start, stop)
+        writer.write(index, np.moveaxis(labels, 0, axis), np.moveaxis(confidence, 0, axis))
+        human = np.moveaxis(project.human_mask(index), axis, 0)
+        for j in range(stop - start):
+            free = ~human[j]
+            if free.any():
+                scores[start + j] = float((1.0 - confidence[j][free]).mean())
+        yield {"phase": "predict", "iteration": stop, "total": n}
+    return scores
+
+
+Slab = tuple[int, int, np.ndarray, np.ndarray]
+
+
+def _predicted_slabs(
+    project: Project,
+    method: SSLMethod,
+    *,
+    norm: tuple[float, float],
+    mode: str,
+    device: torch.device,
+    background_bias: float,
+    voxels_per_batch: int,
+) -> Iterator[Slab]:
+    """``(start, stop, labels, confidence)`` per slab of slices, in order.
+
+    ``labels`` is (stop - start, H, W) uint16 (the argmax), ``confidence`` the same shape
+    float32 (the max class probability); slice axis first.
+    """
+    axis, n = project.axis, project.n_slices
     # Slices per batch so a batch holds about ``voxels_per_batch`` voxels: host memory stays
     # flat from 256^2 to 2048^2 slices (large slices go one at a time, tiled).
     plane = int(np.prod(project.shape)) // n
@@ -224,17 +280,76 @@ def predict_into_round(
             probs = adjust_background(predict_probabilities(method, x.to(device)), background_bias)
             probs = probs.movedim(1, 0)
         probs = probs.cpu().numpy()  # (K, slices, H, W)
-        labels = probs.argmax(0).astype(np.uint16)
-        confidence = probs.max(0).astype(np.float32)
-        index = _along(axis, start, stop)
-        writer.write(index, np.moveaxis(labels, 0, axis), np.moveaxis(confidence, 0, axis))
-        human = np.moveaxis(project.human_mask(index), axis, 0)
-        for j in range(stop - start):
-            free = ~human[j]
-            if free.any():
-                scores[start + j] = float((1.0 - confidence[j][free]).mean())
-        yield {"phase": "predict", "iteration": stop, "total": n}
-    return scores
+        yield start, stop, probs.argmax(0).astype(np.uint16), probs.max(0).astype(np.float32)
+
+
+def majority_vote(
+    slabs: Iterable[Slab], n: int, window: tuple[int, int, int], *, num_classes: int
+) -> Iterator[Slab]:
+    """Each voxel takes the most frequent label of the ``window`` box around it.
+
+    A mode filter (for two classes the 3D median of the probabilities, thresholded).
+    Slice-wise networks decide every slice on its own; on a noisy image their boundaries
+    flicker from slice to slice and in-plane speckle appears, which the vote removes while
+    keeping steps along the slice axis (a Gaussian smoothing of the probabilities erodes
+    the nuclei's caps instead). Measured on the sample, 3 annotated slices, supervised,
+    2 cores (seeds 0/1): window (5, 5, 5) takes noisy 0.934/0.927 to 0.958/0.959 and clean
+    0.972/0.961 to 0.974/0.966 (window 3 or 7 a little less; an even width shifts the
+    boundary by half a voxel).
+
+    Streams: holds ``window[0] // 2`` slices of context each side, one slice's counts at a
+    time. Ties keep the voxel's own label. Where the vote changed a label, the
+    confidence becomes the winning label's share of the window.
+
+    Parameters
+    ----------
+    slabs : iterable of (start, stop, labels, confidence)
+        Consecutive slabs covering slices 0..n-1 in order; ``labels`` (S, H, W) integer,
+        ``confidence`` (S, H, W) float32.
+    n : int
+        Number of slices.
+    window : (int, int, int)
+        Odd box widths along slices, rows and columns.
+    """
+    if any(w < 1 or w % 2 == 0 for w in window):
+        raise ValueError(f"vote window widths must be odd and >= 1, got {window}")
+    half = window[0] // 2
+    size = float(np.prod(window))
+    labels_buf = confidence_buf = None
+    buf_start = done = 0
+    for start, stop, labels, confidence in slabs:
+        if labels_buf is None:
+            labels_buf, confidence_buf = labels, confidence
+        else:
+            labels_buf = np.concatenate([labels_buf, labels])
+            confidence_buf = np.concatenate([confidence_buf, confidence])
+        ready = n if stop >= n else stop - half  # slices whose context has arrived
+        if ready <= done:
+            continue
+        out_labels = labels_buf[done - buf_start : ready - buf_start].copy()
+        out_confidence = confidence_buf[done - buf_start : ready - buf_start].copy()
+        for j in range(done, ready):
+            rows = np.clip(np.arange(j - half, j + half + 1), 0, n - 1) - buf_start
+            block = labels_buf[rows]
+            own = out_labels[j - done]
+            best = np.full(own.shape, -1.0, np.float32)
+            winner = own.copy()
+            share_of_winner = np.zeros(own.shape, np.float32)
+            for k in range(num_classes):
+                count = (block == k).sum(0, dtype=np.float32)
+                share = ndi.uniform_filter(count, window[1:], mode="nearest") / window[0]
+                score = share + (own == k) * (0.5 / size)  # ties keep the own label
+                better = score > best
+                winner[better], best[better] = k, score[better]
+                share_of_winner[better] = share[better]
+            changed = winner != own
+            out_labels[j - done] = winner
+            out_confidence[j - done][changed] = share_of_winner[changed]
+        yield done, ready, out_labels, out_confidence
+        keep_from = max(buf_start, ready - half)
+        labels_buf = labels_buf[keep_from - buf_start :]
+        confidence_buf = confidence_buf[keep_from - buf_start :]
+        buf_start, done = keep_from, ready
 
 
 def _slabs(n: int, size: int) -> Iterator[tuple[int, int]]:

@@ -125,6 +125,32 @@ def test_odd_sizes_are_padded():
     assert method.predict(unlabelled.image).shape == (2, 2, 30, 34)
 
 
+def test_batch_norm_variant_trains_and_recalibrates_only_the_mask_pathways():
+    from napari_ssl_seg.inference import recalibrate_batchnorm
+
+    method = make(norm="batch")
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in method.modules())
+    loss, _ = method.training_loss(*batches(), 0)
+    loss.backward()
+    assert grad_norm(method.student["mask"]) > 0 and grad_norm(method.teacher["mask"]) > 0
+    image_norms = [
+        m for m in method.teacher["image"].modules() if isinstance(m, torch.nn.BatchNorm2d)
+    ]
+    before = [m.running_mean.clone() for m in image_norms]
+    n = recalibrate_batchnorm(method, [batches(seed=s)[1].image + 3.0 for s in range(3)])
+    mask_norms = [
+        m
+        for net in (method.teacher["mask"], method.student["mask"])
+        for m in net.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    ]
+    assert n == len(mask_norms) > 0
+    assert all(m.num_batches_tracked == 3 and m.momentum == 0.1 for m in mask_norms)
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, image_norms, strict=True))
+    method.eval()
+    assert torch.equal(method.predict(batches()[1].image), method.predict(batches()[1].image))
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="width must be a positive multiple of 8, got 12"):
         DiffusionSettings(width=12)
@@ -136,6 +162,8 @@ def test_bad_inputs():
         DiffusionSettings(inference_timesteps=(0, 1000))
     with pytest.raises(ValueError, match=r"rampup_fraction must be in \[0, 1\], got 2"):
         DiffusionSettings(rampup_fraction=2.0)
+    with pytest.raises(ValueError, match=r"norm must be one of \['batch', 'group'\]"):
+        DiffusionSettings(norm="instance")
     with pytest.raises(ValueError, match="rounds must be >= 0, got -1"):
         DiffusionSettings(rounds=-1)
     with pytest.raises(ValueError, match="unknown setting"):

@@ -1,8 +1,9 @@
-"""Inference helpers: background calibration, tiling, BatchNorm recalibration, ranking."""
+"""Inference helpers: background calibration, tiling, BatchNorm recalibration, ranking, vote."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from napari_ssl_seg.engine import build_method
@@ -90,3 +91,52 @@ def test_rank_slices_skips_fully_human_slices():
     scores = np.array([0.1, np.nan, 0.3, 0.2])
     assert [r["slice"] for r in rank_slices(scores, min_gap=1)] == [2, 3, 0]
     assert [r["slice"] for r in rank_slices(scores)] == [2]
+
+
+def _slabs_of(labels, confidence, size):
+    for start in range(0, len(labels), size):
+        stop = min(start + size, len(labels))
+        yield start, stop, labels[start:stop], confidence[start:stop]
+
+
+def _vote(labels, confidence, size, window=(5, 5, 5), num_classes=3):
+    from napari_ssl_seg.inference import majority_vote
+
+    out = list(majority_vote(_slabs_of(labels, confidence, size), len(labels), window,
+                             num_classes=num_classes))
+    starts = [s for s, *_ in out]
+    assert starts == sorted(starts) and out[0][0] == 0 and out[-1][1] == len(labels)
+    assert all(a[1] == b[0] for a, b in zip(out, out[1:]))  # consecutive, no gap
+    return np.concatenate([o[2] for o in out]), np.concatenate([o[3] for o in out])
+
+
+def test_majority_vote_removes_speckle_and_keeps_steps():
+    labels = np.zeros((12, 20, 20), np.uint16)
+    labels[6:, 4:16, 4:16] = 1  # an object starting at slice 6: a sharp step along z
+    labels[2, 10, 10] = 2  # speckle of a third class
+    labels[8, 8, 8] = 0  # a hole
+    confidence = np.full(labels.shape, 0.9, np.float32)
+    voted, conf = _vote(labels, confidence, size=12)
+    assert (voted[6:, 6:14, 6:14] == 1).all()  # the step along z stays where it is
+    assert (voted[:, 4, 4] == 0).all()  # a corner column: only 4 of 25 in-plane voxels
+    assert voted[2, 10, 10] == 0 and voted[8, 8, 8] == 1 and (voted[:6] == 0).all()
+    assert conf[8, 8, 8] > 0.5 and conf[8, 8, 8] != np.float32(0.9)  # share of the window
+    assert conf[0, 0, 0] == np.float32(0.9)  # unchanged voxels keep the net's confidence
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7])
+def test_majority_vote_streams_like_the_whole_volume(size):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, (11, 16, 16)).astype(np.uint16)
+    confidence = rng.random(labels.shape).astype(np.float32)
+    whole = _vote(labels, confidence, size=11)
+    streamed = _vote(labels, confidence, size=size)
+    assert np.array_equal(whole[0], streamed[0]) and np.array_equal(whole[1], streamed[1])
+
+
+def test_majority_vote_ties_keep_the_own_label_and_bad_windows_fail():
+    labels = np.array([[[0, 1, 2]]], np.uint16)  # the middle voxel sees one of each class
+    voted, _ = _vote(labels, np.ones(labels.shape, np.float32), 1, (1, 1, 3), 3)
+    assert np.array_equal(voted, labels)
+    with pytest.raises(ValueError, match="odd and >= 1"):
+        _vote(labels, np.ones(labels.shape, np.float32), 1, (1, 2, 3), 2)

@@ -110,6 +110,9 @@ class DiffusionSettings:
     inference_seed: int = 0  # seed of the mask noise at inference; paper unseeded
     ddim_steps: int = 0  # > 0: DDIM (eta 0) with this many steps; paper none (never 1000)
     deploy: str = "teacher"  # "teacher" | "student"; paper the better on validation
+    # "group" (GroupNorm, MONAI's and the paper's) | "batch" (BatchNorm, statistics
+    # re-averaged after training like the other methods' nets).
+    norm: str = "group"
 
     def __post_init__(self) -> None:
         self.inference_timesteps = _as_int_tuple(self.inference_timesteps)
@@ -134,6 +137,7 @@ class DiffusionSettings:
         _check_choice("rampup", self.rampup, ("linear", "sigmoid"))
         _check_choice("supervised_loss", self.supervised_loss, ("ce_dice", "dice"))
         _check_choice("deploy", self.deploy, ("teacher", "student"))
+        _check_choice("norm", self.norm, ("group", "batch"))
 
 
 #: Overrides for a GPU run at the authors' size (2D: 128 x 128 inputs, batch 8, Adam with
@@ -162,7 +166,23 @@ def time_unet(spatial_dims: int, in_channels: int, out_channels: int, s: Diffusi
     # MONAI zero-initialises the head; with a zero image pathway no cycle gradient would
     # reach the mask pathway on the first steps, so use the usual conv init (as the code).
     net.out[-1].conv.reset_parameters()
+    if s.norm == "batch":
+        _group_to_batch_norm(net, spatial_dims)
     return net
+
+
+def _group_to_batch_norm(net: nn.Module, spatial_dims: int) -> None:
+    """Replace every GroupNorm of ``net`` in place by a BatchNorm over the same channels.
+
+    GroupNorm normalises each sample on its own, so an empty slice's faint background is
+    stretched to the contrast of a full one (the failure the BasicUNet nets avoid with
+    BatchNorm, see :class:`~napari_ssl_seg.methods.base.NetworkConfig`).
+    """
+    batch_norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.GroupNorm):
+                setattr(parent, name, batch_norm(child.num_channels, eps=child.eps))
 
 
 @register
@@ -331,6 +351,15 @@ class DiffusionMethod(SSLMethod):
         return loss, {**{k: float(v.detach()) for k, v in parts.items()}, "ramp": ramp}
 
     # --- inference ----------------------------------------------------------------
+    def batchnorm_forward(self, image: torch.Tensor) -> None:
+        """Both mask pathways on ``image`` (B, C, *spatial) at random t, as in training.
+
+        Used to re-average BatchNorm statistics (``norm="batch"``); the image pathway is
+        not used at inference and keeps its running statistics.
+        """
+        for net in (self.teacher["mask"], self.student["mask"]):
+            self._segment(net, image)
+
     @torch.no_grad()
     def predict(self, image: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities of the deployed mask pathway, deterministic.
