@@ -71,11 +71,12 @@ class TrainConfig:
         The method's own settings (``napari-ssl-seg methods`` lists them and defaults).
     """
 
-    # Supervised: the most robust on our benchmark (benchmarks/results/benchmark-gpu-full.md,
-    # 3 seeds): no SSL method beat it at 1 slice (clean 0.933, noisy 0.789); at 3 slices
-    # cps (+0.4, clean) and diffusion-no-stage1 (+1.4, noisy, 4x slower) did, at 5 none
-    # by more than noise. It is also the fastest; round 2+ still learns from the
-    # unlabelled slices through round 1's confident pseudo-labels.
+    # Supervised: the fastest, and at 3+ annotated slices as good as any method on our
+    # benchmark (README; benchmarks/results/benchmark-laptop2-vote.md, 2 cores, seed 0:
+    # 0.974 clean, 0.958 noisy, no SSL method above it). From ONE slice "diffusion" is far
+    # better (0.961 vs 0.939 clean, 0.957 vs 0.844 noisy) but ~9x slower on a CPU, which
+    # breaks the interactive round; the widget's method list says so. Round 2+ learns from
+    # the unlabelled slices through round 1's confident pseudo-labels.
     method: str = "supervised"
     # 180 iterations with 15 BatchNorm batches measured the same as 200 with 30 (mean Dice
     # 0.951 against 0.950 over clean/noisy x seeds 0, 1; 3 slices) and 2.5 s faster.
