@@ -53,7 +53,9 @@ def main(argv=None) -> None:
     parser.add_argument("--set", action="append", default=[], help="TrainConfig key=value")
     parser.add_argument("--setting", action="append", default=[], help="method setting key=value")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    parser.add_argument("--save-probs", help="save the last evaluation's (Z, K, H, W) probabilities (.npy)")
+    parser.add_argument(
+        "--save-probs", help="save the last evaluation's (Z, K, H, W) probabilities (.npy)"
+    )
     args = parser.parse_args(argv)
 
     from napari_ssl_seg._sample_data import quickstart_slices

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage as ndi
 from monai.inferers import sliding_window_inference
+from scipy import ndimage as ndi
 
 from napari_ssl_seg.data import normalise, slice_stack
 from napari_ssl_seg.methods.base import SSLMethod
@@ -317,7 +317,7 @@ def majority_vote(
     size = float(np.prod(window))
     labels_buf = confidence_buf = None
     buf_start = done = 0
-    for start, stop, labels, confidence in slabs:
+    for _start, stop, labels, confidence in slabs:
         if labels_buf is None:
             labels_buf, confidence_buf = labels, confidence
         else:

@@ -102,11 +102,14 @@ def _slabs_of(labels, confidence, size):
 def _vote(labels, confidence, size, window=(5, 5, 5), num_classes=3):
     from napari_ssl_seg.inference import majority_vote
 
-    out = list(majority_vote(_slabs_of(labels, confidence, size), len(labels), window,
-                             num_classes=num_classes))
+    out = list(
+        majority_vote(
+            _slabs_of(labels, confidence, size), len(labels), window, num_classes=num_classes
+        )
+    )
     starts = [s for s, *_ in out]
     assert starts == sorted(starts) and out[0][0] == 0 and out[-1][1] == len(labels)
-    assert all(a[1] == b[0] for a, b in zip(out, out[1:]))  # consecutive, no gap
+    assert all(a[1] == b[0] for a, b in zip(out[:-1], out[1:], strict=True))  # consecutive, no gap
     return np.concatenate([o[2] for o in out]), np.concatenate([o[3] for o in out])
 
 
