@@ -223,11 +223,17 @@ def step_predict(job: dict) -> dict:
 
 
 def predict_tracking_memory(project, method, writer, norm, mode, device):
-    """Run ``predict_into_round``; return its slice scores and the resident MB per slab."""
+    """Run ``predict_into_round`` as a round does (majority vote included); return its
+    slice scores and the resident MB per slab."""
+    from napari_ssl_seg.config import TrainConfig
+    from napari_ssl_seg.engine import vote_window
     from napari_ssl_seg.inference import predict_into_round
 
     rss, started = [], time.perf_counter()
-    gen = predict_into_round(project, method, writer, norm=norm, mode=mode, device=device)
+    window = vote_window(TrainConfig().vote, project)  # the majority vote a round applies
+    gen = predict_into_round(
+        project, method, writer, norm=norm, mode=mode, device=device, vote_window=window
+    )
     while True:
         try:
             report = next(gen)
