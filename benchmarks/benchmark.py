@@ -81,13 +81,11 @@ def run_job(job: dict) -> dict:
         )
         if name == "random-forest-vote":
             from napari_ssl_seg.config import TrainConfig
-            from napari_ssl_seg.inference import majority_vote
+            from napari_ssl_seg.inference import vote_volume
 
             started = time.perf_counter()
-            width = TrainConfig().vote
-            slab = (0, len(pred), pred, np.ones(pred.shape, np.float32))
-            classes = int(truth.max()) + 1
-            pred = next(majority_vote([slab], len(pred), (width,) * 3, num_classes=classes))[2]
+            window = (TrainConfig().vote,) * 3
+            pred = vote_volume(pred, window, num_classes=int(truth.max()) + 1)
             seconds += time.perf_counter() - started
     elif name == "otsu":
         from baselines import otsu_segment

@@ -26,7 +26,7 @@ from napari_ssl_seg.cli import _parse_value as parse_value
 from napari_ssl_seg.config import TrainConfig
 from napari_ssl_seg.data import TwoStreamSampler, load_training_set, slice_stack
 from napari_ssl_seg.engine import build_method, calibrate_after_training, seed_everything
-from napari_ssl_seg.inference import adjust_background, majority_vote, predict_probabilities
+from napari_ssl_seg.inference import adjust_background, predict_probabilities, vote_volume
 from napari_ssl_seg.metrics import dice
 from napari_ssl_seg.store import Project
 
@@ -121,14 +121,7 @@ def main(argv=None) -> None:
             d = dice(pred[unannotated], truth[unannotated])
             d_bias = dice(pred_bias[unannotated], truth[unannotated])
             window = (config.vote,) * 3
-            voted = next(
-                majority_vote(
-                    [(0, len(pred_bias), pred_bias, np.ones(pred_bias.shape, np.float32))],
-                    len(pred_bias),
-                    window,
-                    num_classes=data.num_classes,
-                )
-            )[2]
+            voted = vote_volume(pred_bias, window, num_classes=data.num_classes)
             d_vote = dice(voted[unannotated], truth[unannotated])
             curve.append(
                 {

@@ -283,6 +283,12 @@ def _predicted_slabs(
         yield start, stop, probs.argmax(0).astype(np.uint16), probs.max(0).astype(np.float32)
 
 
+def vote_volume(labels: np.ndarray, window: tuple[int, int, int], *, num_classes: int):
+    """:func:`majority_vote` of a whole (Z, Y, X) integer label volume held in memory."""
+    slab = (0, len(labels), labels, np.ones(labels.shape, np.float32))
+    return next(majority_vote([slab], len(labels), window, num_classes=num_classes))[2]
+
+
 def majority_vote(
     slabs: Iterable[Slab], n: int, window: tuple[int, int, int], *, num_classes: int
 ) -> Iterator[Slab]:
@@ -334,17 +340,15 @@ def majority_vote(
             own = out_labels[j - done]
             best = np.full(own.shape, -1.0, np.float32)
             winner = own.copy()
-            share_of_winner = np.zeros(own.shape, np.float32)
             for k in range(num_classes):
                 count = (block == k).sum(0, dtype=np.float32)
-                share = ndi.uniform_filter(count, window[1:], mode="nearest") / window[0]
-                score = share + (own == k) * (0.5 / size)  # ties keep the own label
+                score = ndi.uniform_filter(count, window[1:], mode="nearest") / window[0]
+                score += (own == k) * (0.5 / size)  # ties keep the own label
                 better = score > best
                 winner[better], best[better] = k, score[better]
-                share_of_winner[better] = share[better]
-            changed = winner != own
+            changed = winner != own  # there the winner got no tie bonus: best is its share
             out_labels[j - done] = winner
-            out_confidence[j - done][changed] = share_of_winner[changed]
+            out_confidence[j - done][changed] = best[changed]
         yield done, ready, out_labels, out_confidence
         keep_from = max(buf_start, ready - half)
         labels_buf = labels_buf[keep_from - buf_start :]
