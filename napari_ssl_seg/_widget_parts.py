@@ -159,7 +159,7 @@ class WidgetLayout:
         self.device_combo.addItems(ann.DEVICES)
         self.method_combo.setToolTip(
             "supervised: the fastest (about 30 s a round on a laptop CPU).\n"
-            "diffusion: the most accurate from a single annotated slice, ~6x slower on a CPU\n"
+            "diffusion: the most accurate from a single annotated slice, ~9x slower on a CPU\n"
             "(the 'quick' budget, 180 iterations; 60 iterations keep most of the gain).\n"
             "napari-ssl-seg methods lists every method and its settings."
         )
