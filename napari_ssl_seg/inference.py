@@ -321,39 +321,42 @@ def majority_vote(
         raise ValueError(f"vote window widths must be odd and >= 1, got {window}")
     half = window[0] // 2
     size = float(np.prod(window))
-    labels_buf = confidence_buf = None
-    buf_start = done = 0
-    for _start, stop, labels, confidence in slabs:
-        if labels_buf is None:
-            labels_buf, confidence_buf = labels, confidence
-        else:
-            labels_buf = np.concatenate([labels_buf, labels])
-            confidence_buf = np.concatenate([confidence_buf, confidence])
+    # Per-slice views, not concatenated buffers: a 2048^2 slice's labels are 8 MB and its
+    # confidence 16 MB, and copying them per slab cost ~300 MB of peak (big_volume_memory).
+    labels_of: dict[int, np.ndarray] = {}  # kept while a later window needs the slice
+    confidence_of: dict[int, np.ndarray] = {}  # kept until the slice is yielded
+    done = 0
+    for start, stop, labels, confidence in slabs:
+        for j in range(start, stop):
+            labels_of[j], confidence_of[j] = labels[j - start], confidence[j - start]
         ready = n if stop >= n else stop - half  # slices whose context has arrived
         if ready <= done:
             continue
-        out_labels = labels_buf[done - buf_start : ready - buf_start].copy()
-        out_confidence = confidence_buf[done - buf_start : ready - buf_start].copy()
+        out_labels = np.empty((ready - done, *labels.shape[1:]), labels.dtype)
+        out_confidence = np.empty((ready - done, *labels.shape[1:]), np.float32)
         for j in range(done, ready):
-            rows = np.clip(np.arange(j - half, j + half + 1), 0, n - 1) - buf_start
-            block = labels_buf[rows]
-            own = out_labels[j - done]
+            rows = np.clip(np.arange(j - half, j + half + 1), 0, n - 1)
+            own = labels_of[j]
             best = np.full(own.shape, -1.0, np.float32)
             winner = own.copy()
+            count = np.empty(own.shape, np.float32)
             for k in range(num_classes):
-                count = (block == k).sum(0, dtype=np.float32)
-                score = ndi.uniform_filter(count, window[1:], mode="nearest") / window[0]
-                score += (own == k) * (0.5 / size)  # ties keep the own label
+                count.fill(0.0)
+                for r in rows:
+                    count += labels_of[int(r)] == k
+                score = ndi.uniform_filter(count, window[1:], mode="nearest")
+                score /= window[0]
+                score[own == k] += 0.5 / size  # ties keep the own label
                 better = score > best
                 winner[better], best[better] = k, score[better]
             changed = winner != own  # there the winner got no tie bonus: best is its share
             out_labels[j - done] = winner
+            out_confidence[j - done] = confidence_of.pop(j)
             out_confidence[j - done][changed] = best[changed]
         yield done, ready, out_labels, out_confidence
-        keep_from = max(buf_start, ready - half)
-        labels_buf = labels_buf[keep_from - buf_start :]
-        confidence_buf = confidence_buf[keep_from - buf_start :]
-        buf_start, done = keep_from, ready
+        done = ready
+        for j in [j for j in labels_of if j < done - half]:
+            del labels_of[j]
 
 
 def _slabs(n: int, size: int) -> Iterator[tuple[int, int]]:
