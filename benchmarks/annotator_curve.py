@@ -1,7 +1,7 @@
 """Simulated annotator: do corrections chosen by our uncertainty ranking beat random ones?
 
-On each variant of the nuclei sample and each seed: 3 annotated slices
-(``quickstart_slices(3)``), round 1; then ``--rounds`` times: correct ``--per-round``
+On each variant of the nuclei sample and each seed: ``--annotated`` annotated slices
+(``quickstart_slices(n)``, default 3), round 1; then ``--rounds`` times: correct ``--per-round``
 slices from the ground truth (as a person would paint them) and retrain. The slices are
 chosen either by the round's uncertainty ranking (``record["uncertain_slices"]``, most
 uncertain first, skipping slices already annotated or corrected) or uniformly at random
@@ -13,8 +13,9 @@ that neither strategy ever annotated or corrected: the same voxels for every rou
 both strategies. Scoring each strategy on its own untouched slices ("own", also saved)
 would favour the uncertainty strategy, which removes the hardest slices from its own test
 set; "merged" is the Dice of what a user would export after the round (corrections and
-annotations over pseudo-labels) on every slice but the 3 annotated ones, where the
-corrected slices count as right.
+annotations over pseudo-labels) on every slice but the annotated ones, where the
+corrected slices count as right. With the default method ("auto") round 1 from one
+annotated slice is a diffusion round and the retrain rounds supervised ones.
 
     python benchmarks/annotator_curve.py --jobs 6 --pin --tag full
 
@@ -98,6 +99,7 @@ def correct_and_retrain(
         "pseudo": [np.asarray(project.pseudo_labels(r["round"])[...]) for r in rounds],
         "merged": merged,
         "seconds": [r["seconds"] for r in rounds],
+        "methods": [r["method"] for r in rounds],  # what "auto" picked per round
     }
 
 
@@ -109,7 +111,7 @@ def run_curve(job: dict) -> dict:
     from napari_ssl_seg.store import Project
 
     image, truth = load_variant(job["variant"], job["seed"])
-    annotated = quickstart_slices(3)
+    annotated = quickstart_slices(job["annotated"])
     values = {k: job[k] for k in ("method", "iterations") if job[k]}
     config = TrainConfig(seed=job["seed"], device=job["device"], threads=job["threads"], **values)
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,6 +145,7 @@ def run_curve(job: dict) -> dict:
             ],
             "dice_merged": [round(d, 5) for d in run["merged"]],
             "seconds": run["seconds"],
+            "methods": run["methods"],
         }
     return out
 
@@ -178,9 +181,10 @@ def check_target(results: list[dict], variants: Sequence[str]) -> list[str]:
 def report(results: list[dict], args, info: dict) -> str:
     method = next((r["method"] for r in results if "method" in r), "?")
     setup = (
-        f"Method {method}, {args.iterations or 'default'} iterations per round, 3 annotated "
-        f"slices, {args.per_round} slices corrected from the ground truth before each of "
-        f"{args.rounds} retrain rounds; mean ± std over seeds {args.seeds}.\n"
+        f"Method {method}, {args.iterations or 'default'} iterations per round, "
+        f"{args.annotated} annotated slice(s), {args.per_round} slices corrected from the "
+        f"ground truth before each of {args.rounds} retrain rounds; mean ± std over seeds "
+        f"{args.seeds}.\n"
     )
     common = (
         "Dice of each round's pseudo-labels on the slices no strategy annotated or corrected "
@@ -188,7 +192,7 @@ def report(results: list[dict], args, info: dict) -> str:
     )
     merged = (
         "\nDice of the merged labels a user would export after the round (corrected slices "
-        "count as right), on every slice but the 3 annotated:\n"
+        f"count as right), on every slice but the {args.annotated} annotated:\n"
     )
     parts = [
         "# Simulated annotator: uncertainty-chosen against random corrections\n",
@@ -216,6 +220,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_variants_argument(parser)
     parser.add_argument("--seeds", type=ints, default=[0, 1, 2])
+    parser.add_argument("--annotated", type=int, default=3, help="annotated slices before round 1")
     parser.add_argument("--rounds", type=int, default=3, help="retrain rounds after round 1")
     parser.add_argument("--per-round", type=int, default=2, help="slices corrected per round")
     parser.add_argument("--method", help="default: TrainConfig's")
@@ -249,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seed": s,
             "rounds": args.rounds,
             "per_round": args.per_round,
+            "annotated": args.annotated,
             "method": args.method,
             "iterations": args.iterations,
             "device": args.device,

@@ -59,9 +59,10 @@ VARIANT_METHODS = {"diffusion-no-stage1": ("diffusion", {"pretrain_iterations": 
 
 
 def all_methods() -> list[str]:
+    from napari_ssl_seg.config import AUTO
     from napari_ssl_seg.methods import method_names
 
-    return [*method_names(), *VARIANT_METHODS, *BASELINES]
+    return [AUTO, *method_names(), *VARIANT_METHODS, *BASELINES]
 
 
 # ---------------------------------------------------------------------- one job (child)
@@ -113,6 +114,7 @@ def run_job(job: dict) -> dict:
             pred = np.asarray(project.pseudo_labels(record["round"])[...])
         seconds = record["seconds"]
         out.update(
+            trained=record["method"],  # what "auto" picked
             train_seconds=record["train_seconds"],
             iterations_done=record["iterations_done"],
             torch_device=record["device"],
@@ -172,7 +174,8 @@ def check_targets(results: list[dict], default: str) -> list[str]:
         f"{verdict(ok)}: noisy, 3 annotated slices, {default} {_fmt(d)} vs random forest "
         f"{_fmt(rf)}: {gap} Dice points >= +2"
     )
-    ssl = sorted({r["method"] for r in results} - {"supervised", *BASELINES})
+    # "auto" is not a method of its own: it runs supervised or diffusion, whose rows count.
+    ssl = sorted({r["method"] for r in results} - {"supervised", "auto", *BASELINES})
     for variant in VARIANTS:
         for n in (1, 3):
             sup = dice_mean(results, method="supervised", variant=variant, slices=n)

@@ -50,7 +50,7 @@ from napari_ssl_seg._widget_parts import (
     update_task,
     watch_history,
 )
-from napari_ssl_seg.config import PRESETS
+from napari_ssl_seg.config import AUTO, PRESETS
 from napari_ssl_seg.errors import SslSegError
 from napari_ssl_seg.jobs import TrainingJob, error_summary
 
@@ -558,6 +558,8 @@ class SslSegWidget(WidgetLayout, QWidget):
 
     def _show_progress(self, report: dict) -> None:
         phase, it, total = report["phase"], int(report["iteration"]), int(report["total"])
+        if report.get("choice"):
+            self._message(f"Training round {self.project.latest_round + 1}: {report['choice']}…")
         if phase != self._phase:
             self._phase = phase
             self.progress_bar.setRange(0, max(total, 1))
@@ -606,8 +608,8 @@ class SslSegWidget(WidgetLayout, QWidget):
         )
         self.progress_bar.setFormat(f"round {record['round']} done")
         self._message(
-            f"Round {record['round']} done ({record['seconds']:.0f} s{early}): "
-            "correct its pseudo-labels, then Retrain.",
+            f"Round {record['round']} done ({record['method']}, {record['seconds']:.0f} s"
+            f"{early}): correct its pseudo-labels, then Retrain.",
             notify=True,
         )
 
@@ -957,7 +959,7 @@ class SslSegWidget(WidgetLayout, QWidget):
 def _load_method_names(out: list) -> None:
     from napari_ssl_seg.methods import method_names
 
-    out.append(method_names())
+    out.append([AUTO, *method_names()])
 
 
 def _duration(seconds: float) -> str:

@@ -158,9 +158,10 @@ class WidgetLayout:
         self.device_combo = combo()
         self.device_combo.addItems(ann.DEVICES)
         self.method_combo.setToolTip(
+            "auto: diffusion when one slice is annotated (the most accurate from a single\n"
+            "slice, about 1.5 min a round on a laptop CPU), supervised from two slices on.\n"
             "supervised: the fastest (about 30 s a round on a laptop CPU).\n"
-            "diffusion: the most accurate from a single annotated slice, ~9x slower on a CPU\n"
-            "(the 'quick' budget, 180 iterations; 60 iterations keep most of the gain).\n"
+            "diffusion: ~9x slower per iteration than supervised on a CPU.\n"
             "napari-ssl-seg methods lists every method and its settings."
         )
         form.addRow("Method", self.method_combo)

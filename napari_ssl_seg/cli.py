@@ -53,6 +53,8 @@ class ProgressPrinter:
 
     def __call__(self, report: dict) -> None:
         phase, i, n = report["phase"], report.get("iteration", 0), max(1, report.get("total", 1))
+        if report.get("choice"):
+            self.stream.write(f"method: {report['choice']}\n")
         if phase in ("load", "done"):
             return
         losses = report.get("losses", {})
@@ -197,10 +199,11 @@ def cmd_evaluate(args) -> int:
 def cmd_methods(args) -> int:
     from dataclasses import fields
 
-    from napari_ssl_seg.config import TrainConfig
+    from napari_ssl_seg.config import AUTO, AUTO_SUMMARY, TrainConfig
     from napari_ssl_seg.methods import get_method, method_names
 
     default = TrainConfig().method
+    print(f"{AUTO}{' (default)' if default == AUTO else ''}: {AUTO_SUMMARY}")
     for name in method_names():
         cls = get_method(name)
         mark = " (default)" if name == default else ""

@@ -15,6 +15,16 @@ from napari_ssl_seg.errors import InvalidInputError
 
 MODES = ("2d", "2.5d", "3d")
 INITS = ("previous", "scratch")
+#: The method name that lets each round pick one: see :func:`resolve_method`.
+AUTO = "auto"
+#: "auto" gives diffusion this share of the round's iterations: one diffusion iteration
+#: costs ~9 supervised ones on a CPU, and 60 of them (a third of the "quick" 180) kept its
+#: one-slice gain (2 cores, seeds 0/1, no stage 1: clean 0.974/0.967, noisy 0.951/0.957).
+AUTO_DIFFUSION_SHARE = 1 / 3
+AUTO_SUMMARY = (
+    "each round picks: diffusion (no stage 1, a third of the iterations) when one slice "
+    "is annotated, supervised otherwise"
+)
 #: Budget presets the widget offers (iterations of the default method); "quick", the
 #: widget's default, is TrainConfig's default round (the CLI's).
 PRESETS = {"quick": 180, "balanced": 400, "thorough": 1200}
@@ -27,7 +37,8 @@ class TrainConfig:
     Attributes
     ----------
     method : str
-        Registered method name (``napari-ssl-seg methods`` lists them).
+        Registered method name (``napari-ssl-seg methods`` lists them), or "auto": each
+        round picks by the number of annotated slices (:func:`resolve_method`).
     iterations : int
         Optimiser steps (papers: 6000 for LA 3D, 30000 for ACDC 2D).
     seed : int
@@ -71,13 +82,13 @@ class TrainConfig:
         The method's own settings (``napari-ssl-seg methods`` lists them and defaults).
     """
 
-    # Supervised: the fastest, and at 3+ annotated slices as good as any method on our
-    # benchmark (README; benchmarks/results/benchmark-laptop2-vote.md, 2 cores, seed 0:
-    # 0.974 clean, 0.958 noisy, no SSL method above it). From ONE slice "diffusion" is far
-    # better (0.961 vs 0.939 clean, 0.957 vs 0.844 noisy) but ~9x slower on a CPU, which
-    # breaks the interactive round; the widget's method list says so. Round 2+ learns from
-    # the unlabelled slices through round 1's confident pseudo-labels.
-    method: str = "supervised"
+    # "auto" (resolve_method): supervised from 2+ annotated slices, where it is the
+    # fastest and as good as any method on our benchmark (README;
+    # benchmarks/results/benchmark-laptop2-vote.md, 2 cores, 3 slices: 0.974 clean, 0.958
+    # noisy, no SSL method above it); diffusion from ONE slice, where it is far better
+    # (0.961 vs 0.939 clean, 0.957 vs 0.844 noisy) at a third of the iterations. Round 2+
+    # learns from the unlabelled slices through round 1's confident pseudo-labels.
+    method: str = AUTO
     # 180 iterations with 15 BatchNorm batches measured the same as 200 with 30 (mean Dice
     # 0.951 against 0.950 over clean/noisy x seeds 0, 1; 3 slices) and 2.5 s faster.
     iterations: int = 180
@@ -122,6 +133,11 @@ class TrainConfig:
             (0.0 < self.human_fraction <= 1.0, "human_fraction", "in (0, 1]"),
             (self.threads >= 0, "threads", ">= 0"),
             (self.vote >= 1 and self.vote % 2 == 1, "vote", "an odd integer >= 1"),
+            (
+                self.method != AUTO or not self.settings,
+                "settings",
+                f"empty with method {AUTO!r} (method settings need a named method)",
+            ),
         ]
         for ok, name, allowed in checks:
             if not ok:
@@ -144,3 +160,40 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["features"] = list(self.features)
         return out
+
+
+def resolve_method(config: TrainConfig, annotated_slices: int) -> tuple[TrainConfig, str]:
+    """The config a round trains with, and why, when ``config.method`` is "auto".
+
+    From one annotated slice: ``diffusion`` without stage-1 pretraining, for
+    ``AUTO_DIFFUSION_SHARE`` of the iterations (2D mode only; the mode it was measured in).
+    Otherwise ``supervised`` with the iterations asked for. A named method is kept as is.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    annotated_slices : int
+        Slices (along the project axis) holding human labels or corrections.
+
+    Returns
+    -------
+    config : TrainConfig
+        A copy with a registered method name.
+    reason : str
+        One line for the round record and progress ("" for a named method).
+    """
+    if config.method != AUTO:
+        return config, ""
+    if annotated_slices <= 1 and config.mode == "2d":
+        iterations = max(1, round(config.iterations * AUTO_DIFFUSION_SHARE))
+        chosen = dataclasses.replace(
+            config,
+            method="diffusion",
+            iterations=iterations,
+            settings={"pretrain_iterations": 0},
+        )
+        why = f"{annotated_slices} annotated slice: diffusion, {iterations} iterations"
+    else:
+        chosen = dataclasses.replace(config, method="supervised")
+        why = f"{annotated_slices} annotated slices: supervised"
+    return chosen, f"auto ({why})"

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from napari_ssl_seg import __version__
-from napari_ssl_seg.config import TrainConfig
+from napari_ssl_seg.config import AUTO, TrainConfig, resolve_method
 from napari_ssl_seg.data import TwoStreamSampler, in_channels, load_training_set
 from napari_ssl_seg.inference import (
     calibrate_background_bias,
@@ -141,14 +141,16 @@ def train_round(
     ------
     dict
         ``phase`` ("load", "pretrain", "train", "predict", "done"), ``iteration``,
-        ``total``, ``elapsed`` and ``remaining`` seconds, and ``losses`` while training.
+        ``total``, ``elapsed`` and ``remaining`` seconds, ``losses`` while training, and
+        once ``choice`` (what method "auto" picked and why).
 
     Returns
     -------
     dict
         The committed round record (also in ``project.rounds()``).
     """
-    get_method(config.method).make_settings(config.settings)  # bad names fail before any work
+    if config.method != AUTO:  # bad names fail before any work
+        get_method(config.method).make_settings(config.settings)
     started = time.time()
     started_iso = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     stop = should_stop or (lambda: False)
@@ -161,6 +163,15 @@ def train_round(
     yield {"phase": "load", "iteration": 0, "total": config.iterations, "elapsed": 0.0}
 
     data = load_training_set(project, config)
+    config, choice = resolve_method(config, len(data.human_slices))
+    if choice:
+        yield {
+            "phase": "load",
+            "iteration": 0,
+            "total": config.iterations,
+            "elapsed": time.time() - started,
+            "choice": choice,
+        }
     method = build_method(config, num_classes=data.num_classes)
     initialised_from = "scratch"
     if config.init == "previous" and previous >= 1:
@@ -233,6 +244,7 @@ def train_round(
     )
     record = {
         "method": config.method,
+        "method_choice": choice,
         "config": config.to_dict(),
         "seed": config.seed,
         "started": started_iso,

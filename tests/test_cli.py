@@ -111,6 +111,7 @@ def test_methods_lists_all(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     for name in (
+        "auto (default)",
         "supervised",
         "mean-teacher",
         "ua-mt",

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_ssl_seg.config import TrainConfig
 from napari_ssl_seg.engine import load_checkpoint, load_method, run_round, train_round
 from napari_ssl_seg.errors import InvalidInputError
 from napari_ssl_seg.methods import method_names
@@ -147,3 +148,38 @@ def test_other_modes(tiny_project, tiny_config, mode):
     project, _, _ = tiny_project
     record = run_round(project, tiny_config(mode=mode, iterations=2))
     assert record["config"]["mode"] == mode and project.latest_round == 1
+
+
+def test_auto_picks_diffusion_from_one_slice_and_supervised_from_two(tmp_path, tiny_config):
+    from conftest import disks_volume
+
+    image, labels = disks_volume()
+    project = Project.create(tmp_path / "p.zarr", image)
+    project.annotate_slices(labels, [4], source="test")
+    reports = list(_drain(train_round(project, tiny_config(method="auto", iterations=6))))
+    record = project.round_record(1)
+    assert record["method"] == "diffusion" and record["iterations_done"] == 2  # a third
+    assert record["config"]["settings"] == {"pretrain_iterations": 0}
+    assert not (project.path / "ssl_seg" / "pretrained").exists()  # no stage 1 ran
+    choices = [r["choice"] for r in reports if r.get("choice")]
+    assert choices == [record["method_choice"]]
+    assert record["method_choice"] == "auto (1 annotated slice: diffusion, 2 iterations)"
+
+    # A correction makes it two human slices: supervised, every iteration asked for.
+    project.correct_slices(labels, [6], source="test")
+    record = run_round(project, tiny_config(method="auto", iterations=6))
+    assert record["method"] == "supervised" and record["iterations_done"] == 6
+    assert record["human_slices"] == [4, 6]
+    assert record["method_choice"] == "auto (2 annotated slices: supervised)"
+
+
+def test_resolve_method_rules():
+    from napari_ssl_seg.config import resolve_method
+
+    named = TrainConfig(method="cps")
+    assert resolve_method(named, 1) == (named, "")
+    assert resolve_method(TrainConfig(mode="2.5d"), 1)[0].method == "supervised"  # measured in 2D
+    chosen, _ = resolve_method(TrainConfig(iterations=1), 1)
+    assert chosen.method == "diffusion" and chosen.iterations == 1
+    with pytest.raises(InvalidInputError, match="settings must be empty with method 'auto'"):
+        TrainConfig(settings={"pretrain_iterations": 0})
