@@ -18,8 +18,10 @@ INITS = ("previous", "scratch")
 #: The method name that lets each round pick one: see :func:`resolve_method`.
 AUTO = "auto"
 #: "auto" gives diffusion this share of the round's iterations: one diffusion iteration
-#: costs ~9 supervised ones on a CPU, and 60 of them (a third of the "quick" 180) kept its
-#: one-slice gain (2 cores, seeds 0/1, no stage 1: clean 0.974/0.967, noisy 0.951/0.957).
+#: costs ~9 supervised ones on a CPU, and 60 of them (a third of the "quick" 180) keep its
+#: one-slice gain. From slice 30 of the sample, 2 cores, seeds 0/1/2, no stage 1: clean
+#: 0.973/0.971/0.965, noisy 0.940/0.954/0.962, against supervised (180 iterations)
+#: 0.939/0.924/0.941 and 0.844/0.915/0.851; a 67 s round against 21 s.
 AUTO_DIFFUSION_SHARE = 1 / 3
 AUTO_SUMMARY = (
     "each round picks: diffusion (no stage 1, a third of the iterations) when one slice "
@@ -85,8 +87,9 @@ class TrainConfig:
     # "auto" (resolve_method): supervised from 2+ annotated slices, where it is the
     # fastest and as good as any method on our benchmark (README;
     # benchmarks/results/benchmark-laptop2-vote.md, 2 cores, 3 slices: 0.974 clean, 0.958
-    # noisy, no SSL method above it); diffusion from ONE slice, where it is far better
-    # (0.961 vs 0.939 clean, 0.957 vs 0.844 noisy) at a third of the iterations. Round 2+
+    # noisy, no SSL method above it); diffusion from ONE slice, where it is far better at
+    # a third of the iterations (mean of 3 seeds: 0.970 vs 0.934 clean, 0.952 vs 0.870
+    # noisy; AUTO_DIFFUSION_SHARE). Round 2+
     # learns from the unlabelled slices through round 1's confident pseudo-labels.
     method: str = AUTO
     # 180 iterations with 15 BatchNorm batches measured the same as 200 with 30 (mean Dice
