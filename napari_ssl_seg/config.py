@@ -89,8 +89,8 @@ class TrainConfig:
     # benchmarks/results/benchmark-laptop2-vote.md, 2 cores, 3 slices: 0.974 clean, 0.958
     # noisy, no SSL method above it); diffusion from ONE slice, where it is far better at
     # a third of the iterations (mean of 3 seeds: 0.970 vs 0.934 clean, 0.952 vs 0.870
-    # noisy; AUTO_DIFFUSION_SHARE). Round 2+
-    # learns from the unlabelled slices through round 1's confident pseudo-labels.
+    # noisy; AUTO_DIFFUSION_SHARE). Round 2+ learns from the unlabelled slices through
+    # round 1's confident pseudo-labels.
     method: str = AUTO
     # 180 iterations with 15 BatchNorm batches measured the same as 200 with 30 (mean Dice
     # 0.951 against 0.950 over clean/noisy x seeds 0, 1; 3 slices) and 2.5 s faster.
