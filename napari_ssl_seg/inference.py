@@ -375,24 +375,17 @@ def rank_slices(scores: np.ndarray, top: int = 10, *, min_gap: int = 3) -> list[
 
     Slices fully labelled by humans (NaN score) are left out, and picks are at least
     ``min_gap`` slices apart: neighbouring slices look alike, so correcting two of them
-    teaches little more than correcting one. For the same reason slices within
-    ``min_gap`` of a fully human slice come after all others: from one annotated slice
-    the least confident slices were its neighbours (many nuclei, many boundaries), and a
-    simulated annotator correcting them learnt less than one correcting random slices.
+    teaches little more than correcting one.
     """
     order = [
         int(i)
         for i in np.argsort(-np.nan_to_num(scores, nan=-1.0), kind="stable")
         if np.isfinite(scores[i])
     ]
-    human = np.flatnonzero(~np.isfinite(scores))
     picked: list[int] = []
-    for away_from_humans in (True, False):
-        for i in order:
-            if len(picked) == top:
-                break
-            if away_from_humans and np.any(np.abs(human - i) < min_gap):
-                continue
-            if i not in picked and all(abs(i - j) >= min_gap for j in picked):
-                picked.append(i)
+    for i in order:
+        if all(abs(i - j) >= min_gap for j in picked):
+            picked.append(i)
+        if len(picked) == top:
+            break
     return [{"slice": i, "uncertainty": round(float(scores[i]), 6)} for i in picked]

@@ -93,13 +93,6 @@ def test_rank_slices_skips_fully_human_slices():
     assert [r["slice"] for r in rank_slices(scores)] == [2]
 
 
-def test_rank_slices_puts_neighbours_of_human_slices_last():
-    # The annotated slice's neighbours are the least confident: they still come, but last.
-    scores = np.array([0.1, 0.2, 0.3, 0.5, 0.9, np.nan, 0.8, 0.4, 0.3, 0.2, 0.1])
-    assert [r["slice"] for r in rank_slices(scores)] == [2, 8]  # 4 and 6 are next to them
-    assert [r["slice"] for r in rank_slices(scores, min_gap=1)] == [4, 6, 3, 7, 2, 8, 1, 9, 0, 10]
-
-
 def _slabs_of(labels, confidence, size):
     for start in range(0, len(labels), size):
         stop = min(start + size, len(labels))
