@@ -85,9 +85,10 @@ class TrainConfig:
     """
 
     # "auto" (resolve_method): supervised from 2+ annotated slices, where it is the
-    # fastest and as good as any method on our benchmark (README;
-    # benchmarks/results/benchmark-laptop2-vote.md, 2 cores, 3 slices: 0.974 clean, 0.958
-    # noisy, no SSL method above it); diffusion from ONE slice, where it is far better at
+    # fastest and within 0.3 points of the best method (README;
+    # benchmarks/results/benchmark-laptop2-3slices-3seeds.md, 2 cores, 3 slices, 3 seeds:
+    # 0.971 clean, 0.957 noisy; cps 0.974 clean at 2.6x the time, nothing above it on
+    # noisy); diffusion from ONE slice, where it is far better at
     # a third of the iterations (mean of 3 seeds: 0.970 vs 0.934 clean, 0.952 vs 0.870
     # noisy; AUTO_DIFFUSION_SHARE). Round 2+ learns from the unlabelled slices through
     # round 1's confident pseudo-labels.
