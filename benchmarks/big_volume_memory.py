@@ -10,7 +10,8 @@ is its own:
    ``Project.create`` copies it chunk by chunk into a project with slice axis 0
    (2048 x 2048 slices);
 3. ``train``: one round (default method and settings) on a small project cut from the
-   mirrored sample (16 slices of 512 x 512, 2 of them annotated), for its checkpoint.
+   mirrored sample (16 slices of 512 x 512, 2 of them annotated; ``--annotated 1``: one,
+   so the default method "auto" trains diffusion), for its checkpoint.
    Training reads its whole project into memory by design (``load_training_set``), so
    it is not run on the big volume and its memory is not the target;
 4. ``predict``: open the big project, load that checkpoint, and predict every slice into
@@ -154,7 +155,7 @@ def step_train(job: dict) -> dict:
     workdir, crop = Path(job["workdir"]), TRAIN_CROP
     image, truth = mirrored_sample(TRAIN_Z0, TRAIN_Z0 + crop[0], crop)
     project = Project.create(workdir / "train.zarr", image, overwrite=True)
-    annotated = [crop[0] // 4, (3 * crop[0]) // 4]
+    annotated = [crop[0] // 4, (3 * crop[0]) // 4][: job["annotated"]]
     project.annotate_slices(truth, annotated, source="benchmark")
     values = {"iterations": job["iterations"]} if job["iterations"] else {}
     config = TrainConfig(device=job["device"], threads=job["threads"], **values)
@@ -335,6 +336,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--iterations", type=int, help="of the training round (default: TrainConfig's)"
     )
+    parser.add_argument(
+        "--annotated",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="annotated slices of the training round (1: auto trains diffusion)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--cores", help="pin every step to these cores, e.g. 0,1")
     parser.add_argument("--device", default="cpu")
@@ -357,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "workdir": str(workdir),
         "shape": args.shape,
         "iterations": args.iterations,
+        "annotated": args.annotated,
         "threads": args.threads,
         "device": args.device,
     }
