@@ -69,7 +69,7 @@ def test_full_loop(files, capsys):
     assert Project.open(proj).annotated_slices() == [0, 1, 4]  # 0 is an empty annotated slice
     assert main(["train", str(proj), *TINY]) == 0
     out = capsys.readouterr().out
-    assert "round 1" in out and "pseudo_r001" in out
+    assert "round 1 (supervised, 2 iterations" in out and "pseudo_r001" in out  # auto, 3 slices
     assert main(["correct", str(proj), "--labels", str(f["truth"]), "--slices", "5,6"]) == 0
     assert Project.open(proj).corrected_slices() == [5, 6]
     assert main(["train", str(proj), *TINY]) == 0
