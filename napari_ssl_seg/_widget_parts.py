@@ -158,11 +158,16 @@ class WidgetLayout:
         self.device_combo = combo()
         self.device_combo.addItems(ann.DEVICES)
         self.method_combo.setToolTip(
-            "auto: diffusion when one slice is annotated (the most accurate from a single\n"
-            "slice, about 1.5 min a round on a laptop CPU), supervised from two slices on.\n"
+            "auto: diffusion for a third of the budget when one slice is annotated (the most\n"
+            "accurate from a single slice, about 70 s a round on a laptop CPU), supervised\n"
+            "from two annotated slices on.\n"
             "supervised: the fastest (about 30 s a round on a laptop CPU).\n"
             "diffusion: ~9x slower per iteration than supervised on a CPU.\n"
             "napari-ssl-seg methods lists every method and its settings."
+        )
+        self.preset_combo.setToolTip(
+            "Training iterations per round. With auto, a diffusion round (one annotated\n"
+            "slice) trains for a third of them."
         )
         form.addRow("Method", self.method_combo)
         form.addRow("Budget", self.preset_combo)
