@@ -238,6 +238,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(
             f"--rounds and --per-round must be >= 1, got {args.rounds} and {args.per_round}"
         )
+    if args.annotated < 1:
+        parser.error(f"--annotated must be >= 1, got {args.annotated}")
     return args
 
 

@@ -73,6 +73,9 @@ class ProgressPrinter:
         self.stream.flush()
 
 
+METHOD_HELP = "a name from `napari-ssl-seg methods`, or auto (the default)"
+
+
 # ------------------------------------------------------------------ subcommands
 def cmd_init(args) -> int:
     from napari_ssl_seg.io import open_volume, read_volume
@@ -258,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one round and write its pseudo-labels")
     p.add_argument("project", type=Path)
-    p.add_argument("--method", help="a name from `napari-ssl-seg methods`, or auto (the default)")
+    p.add_argument("--method", help=METHOD_HELP)
     p.add_argument("--iterations", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device")
@@ -306,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole annotation loop on the bundled sample")
     p.add_argument("--project", type=Path, default=Path("napari-ssl-seg-demo.zarr"))
     p.add_argument("--out", type=Path, default=Path("napari-ssl-seg-demo-labels.tif"))
-    p.add_argument("--method", help="a name from `napari-ssl-seg methods`, or auto (the default)")
+    p.add_argument("--method", help=METHOD_HELP)
     p.add_argument("--iterations", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--headless", action="store_true", help="never open a window")
