@@ -196,7 +196,7 @@ def step_predict(job: dict) -> dict:
     # of whole slices: at 256 x 2048 x 2048 that is slice 0 alone.)
     norm = tuple(ckpt["norm"])
     writer = project.begin_round()
-    scores, rss = predict_tracking_memory(project, method, writer, norm, config.mode, device)
+    scores, rss = predict_tracking_memory(project, method, writer, norm, config, device)
     seconds = time.perf_counter() - started
     record = {
         "method": config.method,
@@ -223,17 +223,23 @@ def step_predict(job: dict) -> dict:
     }
 
 
-def predict_tracking_memory(project, method, writer, norm, mode, device):
-    """Run ``predict_into_round`` as a round does (majority vote included); return its
-    slice scores and the resident MB per slab."""
-    from napari_ssl_seg.config import TrainConfig
+def predict_tracking_memory(project, method, writer, norm, config, device):
+    """Run ``predict_into_round`` as a round does (smoothing and majority vote included);
+    return its slice scores and the resident MB per slab."""
+    from napari_ssl_seg.data import smoothing_sigmas
     from napari_ssl_seg.engine import vote_window
     from napari_ssl_seg.inference import predict_into_round
 
     rss, started = [], time.perf_counter()
-    window = vote_window(TrainConfig().vote, project)  # the majority vote a round applies
     gen = predict_into_round(
-        project, method, writer, norm=norm, mode=mode, device=device, vote_window=window
+        project,
+        method,
+        writer,
+        norm=norm,
+        mode=config.mode,
+        device=device,
+        vote_window=vote_window(config.vote, project),
+        smoothing=smoothing_sigmas(config.smoothing, project),
     )
     while True:
         try:

@@ -29,7 +29,12 @@ import torch
 
 from napari_ssl_seg import __version__
 from napari_ssl_seg.config import AUTO, TrainConfig, resolve_method
-from napari_ssl_seg.data import TwoStreamSampler, in_channels, load_training_set
+from napari_ssl_seg.data import (
+    TwoStreamSampler,
+    in_channels,
+    load_training_set,
+    smoothing_sigmas,
+)
 from napari_ssl_seg.inference import (
     calibrate_background_bias,
     predict_into_round,
@@ -229,6 +234,7 @@ def train_round(
             device=device,
             background_bias=bias,
             vote_window=vote_window(config.vote, project),
+            smoothing=smoothing_sigmas(config.smoothing, project),
         ),
         started,
     )

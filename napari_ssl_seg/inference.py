@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from scipy import ndimage as ndi
 
-from napari_ssl_seg.data import normalise, slice_stack
+from napari_ssl_seg.data import normalise, slice_stack, smooth, smoothing_halo
 from napari_ssl_seg.methods.base import SSLMethod
 from napari_ssl_seg.store import Project, RoundWriter
 
@@ -208,9 +208,14 @@ def predict_into_round(
     device: torch.device,
     background_bias: float = 0.0,
     vote_window: tuple[int, int, int] = (1, 1, 1),
+    smoothing: tuple[float, float] = (0.0, 0.0),
     voxels_per_batch: int = 2**20,
 ) -> Iterator[dict]:
     """Predict every slice of the project into ``writer``; yields progress dicts.
+
+    ``smoothing`` holds the Gaussian sigmas (across slices, in-plane) the training image
+    was smoothed with (:func:`napari_ssl_seg.data.smoothing_sigmas`); the input is
+    smoothed the same way.
 
     ``vote_window`` (slices, rows, columns; odd) applies :func:`majority_vote` to the
     predicted labels before they are written; (1, 1, 1) writes the network's argmax.
@@ -228,6 +233,7 @@ def predict_into_round(
         mode=mode,
         device=device,
         background_bias=background_bias,
+        smoothing=smoothing,
         voxels_per_batch=voxels_per_batch,
     )
     if any(w > 1 for w in vote_window):
@@ -255,6 +261,7 @@ def _predicted_slabs(
     mode: str,
     device: torch.device,
     background_bias: float,
+    smoothing: tuple[float, float],
     voxels_per_batch: int,
 ) -> Iterator[Slab]:
     """``(start, stop, labels, confidence)`` per slab of slices, in order.
@@ -270,12 +277,17 @@ def _predicted_slabs(
     for start, stop in _slabs(n, per_batch):
         if mode == "3d":
             vol = np.moveaxis(normalise(project.image[...], norm), axis, 0)
-            x = torch.from_numpy(vol)[None, None]
+            x = torch.from_numpy(smooth(vol, smoothing))[None, None]
             probs = predict_probabilities(method, x.to(device), tile=96)[0]
         else:
-            # Read one neighbour each side for 2.5D input.
+            # One neighbour each side for 2.5D input, and the smoothing's halo beyond it.
+            halo = smoothing_halo(smoothing)
             lo, hi = max(0, start - 1), min(n, stop + 1)
-            block = np.moveaxis(normalise(project.image[_along(axis, lo, hi)], norm), axis, 0)
+            read_lo, read_hi = max(0, lo - halo), min(n, hi + halo)
+            block = np.moveaxis(
+                normalise(project.image[_along(axis, read_lo, read_hi)], norm), axis, 0
+            )
+            block = smooth(block, smoothing, slice(lo - read_lo, hi - read_lo))
             x = torch.from_numpy(slice_stack(block, np.arange(start - lo, stop - lo), mode))
             probs = adjust_background(predict_probabilities(method, x.to(device)), background_bias)
             probs = probs.movedim(1, 0)

@@ -163,6 +163,8 @@ def test_methods_lists_all(capsys):
         (["train", "{proj}", "--method", "dtcc"], "Did you mean 'dtc'"),
         (["train", "{proj}", "--set", "bogus=1"], "unknown TrainConfig key"),
         (["train", "{proj}", "--set", "iterations"], "KEY=VALUE"),
+        (["train", "{proj}", "--set", "smoothing=-1"], "smoothing must be a number >= 0"),
+        (["train", "{proj}", "--set", "smoothing=nan"], "smoothing must be a number >= 0"),
         (["train", "{proj}", "--method", "dtc", "--setting", "bogus=1"], "unknown setting"),
         (["correct", "{proj}", "--labels", "{labels}", "--slices", "2"], "no round to correct"),
         (["export", "{proj}", "--out", "{tmp}/x.png"], "png"),

@@ -143,3 +143,68 @@ def test_majority_vote_ties_keep_the_own_label_and_bad_windows_fail():
     assert np.array_equal(voted, labels)
     with pytest.raises(ValueError, match="odd and >= 1"):
         _vote(labels, np.ones(labels.shape, np.float32), 1, (1, 2, 3), 2)
+
+
+def test_smoothing_matches_scipy_and_blocks_with_a_halo():
+    from scipy import ndimage as ndi
+
+    from napari_ssl_seg.data import SMOOTHING_TRUNCATE, smooth, smoothing_halo
+
+    volume = np.random.default_rng(0).random((12, 5, 6)).astype(np.float32)
+    for sigmas in ((0.6, 1.0), (1.0, 0.0), (1.7, 0.8), (0.0, 1.2)):
+        expected = ndi.gaussian_filter(
+            volume, (sigmas[0], sigmas[1], sigmas[1]), mode="nearest", truncate=SMOOTHING_TRUNCATE
+        )
+        assert np.allclose(smooth(volume, sigmas), expected, atol=1e-6)
+        halo = smoothing_halo(sigmas)
+        for start, stop in ((0, 3), (4, 7), (9, 12)):
+            lo, hi = max(0, start - halo), min(12, stop + halo)
+            part = smooth(volume[lo:hi], sigmas, slice(start - lo, stop - lo))
+            assert np.allclose(part, expected[start:stop], atol=1e-6)
+    assert np.array_equal(smooth(volume, (0.0, 0.0)), volume)
+
+
+def test_smoothing_sigmas_follow_the_voxel_size(tmp_path):
+    from napari_ssl_seg.data import smoothing_sigmas
+    from napari_ssl_seg.store import Project
+
+    image = np.ones((4, 8, 8), np.uint16)
+    thick = Project.create(tmp_path / "a.zarr", image, voxel_size=(2.0, 0.5, 0.5))
+    plain = Project.create(tmp_path / "b.zarr", image)
+    assert smoothing_sigmas(1.0, thick) == pytest.approx((0.25, 1.0))  # thick: barely across
+    assert smoothing_sigmas(1.0, plain) == (1.0, 1.0)
+    assert smoothing_sigmas(0.0, thick) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("mode", ["2d", "2.5d"])
+def test_smoothed_prediction_streams_like_the_whole_volume(tmp_path, tiny_config, mode):
+    from conftest import disks_volume
+
+    from napari_ssl_seg.inference import predict_into_round
+    from napari_ssl_seg.store import Project
+
+    image, _ = disks_volume(shape=(9, 32, 32))
+    project = Project.create(tmp_path / "p.zarr", image)
+    method = _method(tiny_config, mode=mode)
+    norm = (float(image.min()), float(image.max()))
+
+    def predict(voxels_per_batch, smoothing):
+        writer = project.begin_round()
+        scores = predict_into_round(
+            project,
+            method,
+            writer,
+            norm=norm,
+            mode=mode,
+            device=torch.device("cpu"),
+            smoothing=smoothing,
+            voxels_per_batch=voxels_per_batch,
+        )
+        for _ in scores:
+            pass
+        return np.asarray(writer.confidence[...])
+
+    one_slice_at_a_time = predict(32 * 32, (1.3, 0.8))
+    whole_volume = predict(9 * 32 * 32, (1.3, 0.8))
+    assert np.allclose(one_slice_at_a_time, whole_volume, atol=1e-5)
+    assert not np.array_equal(whole_volume, predict(9 * 32 * 32, (0.0, 0.0)))  # it smoothed
