@@ -19,9 +19,9 @@ INITS = ("previous", "scratch")
 AUTO = "auto"
 #: "auto" gives diffusion this share of the round's iterations: one diffusion iteration
 #: costs ~9 supervised ones on a CPU, and 60 of them (a third of the "quick" 180) keep its
-#: one-slice gain. From slice 30 of the sample, 2 cores, seeds 0/1/2, no stage 1: clean
-#: 0.973/0.971/0.965, noisy 0.940/0.954/0.962, against supervised (180 iterations)
-#: 0.939/0.924/0.941 and 0.844/0.915/0.851; a 67 s round against 21 s.
+#: one-slice gain. From slice 30 of the sample, 2 cores, seeds 0/1/2, no stage 1, input
+#: smoothing 1: clean 0.949/0.971/0.973, noisy 0.956/0.962/0.962, against supervised
+#: (180 iterations) 0.938/0.929/0.925 and 0.922/0.935/0.954; a 65 s round against 22 s.
 AUTO_DIFFUSION_SHARE = 1 / 3
 AUTO_SUMMARY = (
     "each round picks: diffusion (no stage 1, a third of the iterations) when one slice "
@@ -89,13 +89,12 @@ class TrainConfig:
     """
 
     # "auto" (resolve_method): supervised from 2+ annotated slices, where it is the
-    # fastest and within 0.3 points of the best method (README;
-    # benchmarks/results/benchmark-laptop2-3slices-3seeds.md, 2 cores, 3 slices, 3 seeds:
-    # 0.971 clean, 0.957 noisy; cps 0.974 clean at 2.6x the time, nothing above it on
-    # noisy); diffusion from ONE slice, where it is far better at
-    # a third of the iterations (mean of 3 seeds: 0.970 vs 0.934 clean, 0.952 vs 0.870
-    # noisy; AUTO_DIFFUSION_SHARE). Round 2+ learns from the unlabelled slices through
-    # round 1's confident pseudo-labels.
+    # fastest, the best on noisy and within 0.5 points of the best on clean (README; 2 cores, 3 slices, seeds 0/1/2, input
+    # smoothing 1: supervised 0.968 clean, 0.964 noisy; cps 0.973 / 0.959 at 2.6x the
+    # time, dtc 0.972 / 0.955 at 1.5x: better on clean, worse on noisy); diffusion from
+    # ONE slice, where it is far better at a third of the iterations (mean of 3 seeds:
+    # 0.964 vs 0.931 clean, 0.960 vs 0.937 noisy; AUTO_DIFFUSION_SHARE). Round 2+
+    # learns from the unlabelled slices through round 1's confident pseudo-labels.
     method: str = AUTO
     # 180 iterations with 15 BatchNorm batches measured the same as 200 with 30 (mean Dice
     # 0.951 against 0.950 over clean/noisy x seeds 0, 1; 3 slices) and 2.5 s faster.
