@@ -89,11 +89,11 @@ class TrainConfig:
     """
 
     # "auto" (resolve_method): supervised from 2+ annotated slices, where it is the
-    # fastest, the best on noisy and within 0.5 points of the best on clean (README; 2 cores, 3 slices, seeds 0/1/2, input
-    # smoothing 1: supervised 0.968 clean, 0.964 noisy; cps 0.973 / 0.959 at 2.6x the
-    # time, dtc 0.972 / 0.955 at 1.5x: better on clean, worse on noisy); diffusion from
-    # ONE slice, where it is far better at a third of the iterations (mean of 3 seeds:
-    # 0.964 vs 0.931 clean, 0.960 vs 0.937 noisy; AUTO_DIFFUSION_SHARE). Round 2+
+    # fastest, the best on noisy and within 0.5 points of the best on clean (README; 2
+    # cores, 3 slices, seeds 0/1/2, input smoothing 1: supervised 0.968 clean, 0.964
+    # noisy; cps 0.973 / 0.959 at 2.6x the time, dtc 0.972 / 0.955 at 1.5x); diffusion
+    # from ONE slice, where it is far better at a third of the iterations (mean of 3
+    # seeds: 0.964 vs 0.931 clean, 0.960 vs 0.937 noisy; AUTO_DIFFUSION_SHARE). Round 2+
     # learns from the unlabelled slices through round 1's confident pseudo-labels.
     method: str = AUTO
     # 180 iterations with 15 BatchNorm batches measured the same as 200 with 30 (mean Dice

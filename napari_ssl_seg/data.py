@@ -67,11 +67,19 @@ def smoothing_sigmas(width: float, project: Project) -> tuple[float, float]:
     """
     if width <= 0:
         return 0.0, 0.0
+    return float(width * plane_to_slice_spacing(project)), float(width)
+
+
+def plane_to_slice_spacing(project: Project) -> float:
+    """Mean in-plane voxel size over the slice spacing (1 where the voxel size is unknown).
+
+    A width of ``w`` in-plane pixels spans ``w * plane_to_slice_spacing(project)`` slices.
+    """
     if project.voxel_size is None:
-        return float(width), float(width)
+        return 1.0
     spacing = project.voxel_size[project.axis]
     plane = [v for i, v in enumerate(project.voxel_size) if i != project.axis]
-    return float(width * np.mean(plane) / spacing), float(width)
+    return float(np.mean(plane) / spacing)
 
 
 def smoothing_halo(sigmas: tuple[float, float]) -> int:
@@ -307,6 +315,7 @@ __all__ = [
     "load_training_set",
     "normalisation",
     "normalise",
+    "plane_to_slice_spacing",
     "smooth",
     "smoothing_halo",
     "smoothing_sigmas",

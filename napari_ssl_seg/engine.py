@@ -33,6 +33,7 @@ from napari_ssl_seg.data import (
     TwoStreamSampler,
     in_channels,
     load_training_set,
+    plane_to_slice_spacing,
     smoothing_sigmas,
 )
 from napari_ssl_seg.inference import (
@@ -340,9 +341,7 @@ def vote_window(width: int, project: Project) -> tuple[int, int, int]:
     """
     along = width
     if project.voxel_size is not None and width > 1:
-        spacing = project.voxel_size[project.axis]
-        plane = [v for i, v in enumerate(project.voxel_size) if i != project.axis]
-        along = width * float(np.mean(plane)) / spacing
+        along = width * plane_to_slice_spacing(project)
         along = max(1, int(round((along - 1) / 2)) * 2 + 1)
     return (along, width, width)
 
