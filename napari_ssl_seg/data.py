@@ -122,9 +122,7 @@ def smooth(
         weights /= weights.sum()
         out = np.zeros((len(wanted), *block.shape[1:]), np.float32)
         for offset, w in zip(offsets, weights, strict=True):
-            source = np.clip(wanted + offset, 0, len(block) - 1)
-            for j, z in enumerate(source):
-                out[j] += np.float32(w) * block[z]
+            out += np.float32(w) * block[np.clip(wanted + offset, 0, len(block) - 1)]
     else:
         out = block[keep].astype(np.float32, copy=True)
     if plane > 0:
@@ -156,6 +154,9 @@ class TrainingSet:
         K, background included (at least 2).
     norm : (float, float)
         Intensity range used by :func:`normalise`.
+    smoothing : (float, float)
+        Gaussian sigmas (across slices, in-plane) ``image`` was smoothed with
+        (:func:`smoothing_sigmas`); prediction smooths its input the same way.
     """
 
     image: np.ndarray
@@ -165,6 +166,7 @@ class TrainingSet:
     pseudo_slices: list[int]
     num_classes: int
     norm: tuple[float, float]
+    smoothing: tuple[float, float] = (0.0, 0.0)
 
 
 def load_training_set(
@@ -186,7 +188,8 @@ def load_training_set(
     axis = project.axis
     norm = normalisation(project.image, axis)
     image = np.moveaxis(normalise(project.image[...], norm), axis, 0)
-    image = smooth(image, smoothing_sigmas(config.smoothing, project))
+    smoothing = smoothing_sigmas(config.smoothing, project)
+    image = smooth(image, smoothing)
     labels, human = project.human_labels()
     labels, human = np.moveaxis(labels, axis, 0), np.moveaxis(human, axis, 0)
     if not human.any():
@@ -207,7 +210,9 @@ def load_training_set(
     has_weight = weight.any(axis=(1, 2))
     pseudo_slices = [int(i) for i in np.flatnonzero(has_weight) if i not in set(human_slices)]
     num_classes = max(2, int(labels[human].max()) + 1)
-    return TrainingSet(image, target, weight, human_slices, pseudo_slices, num_classes, norm)
+    return TrainingSet(
+        image, target, weight, human_slices, pseudo_slices, num_classes, norm, smoothing
+    )
 
 
 def slice_stack(image: np.ndarray, indices: np.ndarray | list[int], mode: str) -> np.ndarray:

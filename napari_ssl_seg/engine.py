@@ -34,7 +34,6 @@ from napari_ssl_seg.data import (
     in_channels,
     load_training_set,
     plane_to_slice_spacing,
-    smoothing_sigmas,
 )
 from napari_ssl_seg.inference import (
     calibrate_background_bias,
@@ -235,7 +234,7 @@ def train_round(
             device=device,
             background_bias=bias,
             vote_window=vote_window(config.vote, project),
-            smoothing=smoothing_sigmas(config.smoothing, project),
+            smoothing=data.smoothing,
         ),
         started,
     )
