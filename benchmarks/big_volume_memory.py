@@ -196,7 +196,9 @@ def step_predict(job: dict) -> dict:
     # of whole slices: at 256 x 2048 x 2048 that is slice 0 alone.)
     norm = tuple(ckpt["norm"])
     writer = project.begin_round()
-    scores, rss = predict_tracking_memory(project, method, writer, norm, config, device)
+    scores, rss = predict_tracking_memory(
+        project, method, writer, norm, config, device, ckpt.get("background_bias", 0.0)
+    )
     seconds = time.perf_counter() - started
     record = {
         "method": config.method,
@@ -223,9 +225,10 @@ def step_predict(job: dict) -> dict:
     }
 
 
-def predict_tracking_memory(project, method, writer, norm, config, device):
-    """Run ``predict_into_round`` as a round does (smoothing and majority vote included);
-    return its slice scores and the resident MB per slab."""
+def predict_tracking_memory(project, method, writer, norm, config, device, background_bias):
+    """Run ``predict_into_round`` as a round does (background bias, smoothing and majority
+    vote included; the last two recomputed for this volume's voxel size); return its
+    slice scores and the resident MB per slab."""
     from napari_ssl_seg.data import smoothing_sigmas
     from napari_ssl_seg.engine import vote_window
     from napari_ssl_seg.inference import predict_into_round
@@ -238,6 +241,7 @@ def predict_tracking_memory(project, method, writer, norm, config, device):
         norm=norm,
         mode=config.mode,
         device=device,
+        background_bias=background_bias,
         vote_window=vote_window(config.vote, project),
         smoothing=smoothing_sigmas(config.smoothing, project),
     )

@@ -223,6 +223,14 @@ def train_round(
     trained_seconds = time.time() - train_started
 
     bias = calibrate_after_training(method, sampler, device)
+    window = vote_window(config.vote, project)
+    # What prediction did besides the network, kept so the round can be re-made exactly.
+    prediction = {
+        "norm": list(data.norm),
+        "background_bias": bias,
+        "smoothing_sigmas": list(data.smoothing),
+        "vote_window": list(window),
+    }
     writer = project.begin_round()
     scores = yield from _with_elapsed(
         predict_into_round(
@@ -233,7 +241,7 @@ def train_round(
             mode=config.mode,
             device=device,
             background_bias=bias,
-            vote_window=vote_window(config.vote, project),
+            vote_window=window,
             smoothing=data.smoothing,
         ),
         started,
@@ -241,12 +249,7 @@ def train_round(
     ckpt = checkpoint_bytes(
         method,
         config,
-        {
-            "round": writer.round,
-            "revision": revision,
-            "norm": list(data.norm),
-            "background_bias": bias,
-        },
+        {"round": writer.round, "revision": revision, **prediction},
     )
     record = {
         "method": config.method,
@@ -269,8 +272,7 @@ def train_round(
         "device": str(device),
         "host": platform.node(),
         "version": __version__,
-        "norm": list(data.norm),
-        "background_bias": bias,
+        **prediction,
     }
     record = writer.commit(record, ckpt)
     if refresh_final:

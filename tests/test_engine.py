@@ -44,6 +44,12 @@ def test_round_bookkeeping(tiny_project, tiny_config):
     assert conf.dtype == np.float32 and 0.0 <= conf.min() and conf.max() <= 1.0
     ckpt = load_checkpoint(project.checkpoint_path(1))  # weights_only: no code runs on load
     assert ckpt["method"] == "supervised" and ckpt["revision"] == project.revision
+    # what prediction did besides the network, so the round can be re-made from disk:
+    # slices 4x as thick as the pixels are wide -> smoothing and vote 4x shorter across
+    for saved in (record, ckpt):
+        assert saved["smoothing_sigmas"] == pytest.approx([0.25, 1.0])
+        assert saved["vote_window"] == [1, 5, 5]
+        assert len(saved["norm"]) == 2 and "background_bias" in saved
     method, _ = load_method(project, 1)
     assert isinstance(method, torch.nn.Module)
     # the export source shows human labels on annotated slices
