@@ -84,7 +84,15 @@ def test_dice_only_and_sigmoid_ramp():
 
 
 @pytest.mark.parametrize(
-    "overrides", [{}, {"inference_timesteps": "0,500"}, {"ddim_steps": 3}, {"deploy": "student"}]
+    "overrides",
+    [
+        {},
+        {"inference_timesteps": "0,500"},
+        {"ddim_steps": 3},
+        {"deploy": "student"},
+        {"deploy": "both"},
+        {"deploy": "both", "ddim_steps": 2},
+    ],
 )
 def test_predict_is_deterministic(overrides):
     image = batches()[1].image
@@ -94,6 +102,24 @@ def test_predict_is_deterministic(overrides):
     assert torch.equal(first, again.predict(image))
     assert first.shape == (2, 2, 32, 32)
     torch.testing.assert_close(first.sum(1), torch.ones(2, 32, 32))
+
+
+def test_deploy_both_averages_teacher_and_student():
+    image = batches()[1].image
+    method = make()
+    method.eval()
+    with torch.no_grad():  # the twins start from different weights, so they disagree
+        method.student["mask"].apply(
+            lambda m: m.weight.add_(0.1) if isinstance(m, torch.nn.Conv2d) else None
+        )
+    by_deploy = {}
+    for deploy in ("teacher", "student", "both"):
+        method.settings.deploy = deploy
+        by_deploy[deploy] = method.predict(image)
+    assert not torch.allclose(by_deploy["teacher"], by_deploy["student"])
+    torch.testing.assert_close(
+        by_deploy["both"], (by_deploy["teacher"] + by_deploy["student"]) / 2
+    )
 
 
 def test_pretrain_state_round_trip():
@@ -154,7 +180,7 @@ def test_batch_norm_variant_trains_and_recalibrates_only_the_mask_pathways():
 def test_bad_inputs():
     with pytest.raises(ValueError, match="width must be a positive multiple of 8, got 12"):
         DiffusionSettings(width=12)
-    with pytest.raises(ValueError, match=r"deploy must be one of \['student', 'teacher'\]"):
+    with pytest.raises(ValueError, match=r"deploy must be one of \['both', 'student', 'teach"):
         DiffusionSettings(deploy="ema")
     with pytest.raises(ValueError, match="schedule must be one of"):
         DiffusionSettings(schedule="quadratic")
