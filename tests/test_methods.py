@@ -189,3 +189,30 @@ def test_training_reduces_the_loss(name):
         method.after_step(step)
         history.append(parts["supervised"])
     assert sum(history[-5:]) < 0.5 * sum(history[:5])
+
+
+def test_supervised_ensemble_trains_members_in_turn_and_averages_them():
+    method = make_method("supervised", networks=3)
+    method.train()
+    labelled, unlabelled = make_batches()
+    nets = method.nets
+    assert len(nets) == 3 and len({id(n) for n in nets}) == 3
+    first = [p.detach().clone() for p in nets[0].parameters()]
+    assert not all(  # built one after the other: different initial weights
+        torch.equal(a, b) for a, b in zip(first, nets[1].parameters(), strict=True)
+    )
+    for step in range(4):  # step s trains member s % 3 alone
+        method.zero_grad(set_to_none=True)
+        loss, _ = method.training_loss(labelled, unlabelled, step)
+        loss.backward()
+        graded = [any(p.grad is not None for p in net.parameters()) for net in nets]
+        assert graded == [k == step % 3 for k in range(3)]
+    probs = method.predict(labelled.image)
+    torch.testing.assert_close(
+        probs, sum(net.eval()(labelled.image).softmax(1) for net in nets) / 3
+    )
+    # one network keeps the single-network checkpoint layout ("net.*")
+    single = make_method("supervised").state_dict()
+    assert set(single) == {k for k in method.state_dict() if k.startswith("net.")}
+    with pytest.raises(ValueError, match="networks must be an integer >= 1, got 0"):
+        get_method("supervised").make_settings({"networks": 0})

@@ -20,12 +20,21 @@ from napari_ssl_seg.models import build_unet, predict_softmax
 
 @dataclass
 class SupervisedSettings:
-    """The supervised baseline has no settings of its own (network and schedule are shared)."""
+    """Knobs of the supervised baseline (network and schedule are shared by all methods)."""
+
+    # Independently initialised UNets, trained on alternate iterations (each sees its own
+    # 1/networks of the batches and steps) and averaged at prediction: the same training
+    # time, ``networks`` times the prediction time. 1 is the plain baseline.
+    networks: int = 1
+
+    def __post_init__(self) -> None:
+        if self.networks < 1:
+            raise ValueError(f"networks must be an integer >= 1, got {self.networks}")
 
 
 @register
 class Supervised(SSLMethod):
-    """One UNet trained with 0.5 (CE + Dice) on annotated voxels only."""
+    """UNet(s) trained with 0.5 (CE + Dice) on annotated voxels only."""
 
     name = "supervised"
     summary = "UNet on the labelled slices only (weighted CE + Dice); the baseline."
@@ -34,21 +43,30 @@ class Supervised(SSLMethod):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.net = build_unet(
+        build = lambda: build_unet(  # noqa: E731
             spatial_dims=self.spatial_dims,
             in_channels=self.in_channels,
             out_channels=self.num_classes,
             network=self.network,
         )
+        # ``net`` keeps its name so single-network checkpoints load as before.
+        self.net = build()
+        self.more_nets = torch.nn.ModuleList(build() for _ in range(self.settings.networks - 1))
+
+    @property
+    def nets(self) -> list[torch.nn.Module]:
+        """Every network of the ensemble, ``net`` first."""
+        return [self.net, *self.more_nets]
 
     def training_loss(
         self, labelled: Batch, unlabelled: Batch | None, step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         check_labelled(labelled)
-        loss = weighted_ce_dice(self.net(labelled.image), labelled.target, labelled.weight)
+        net = self.nets[step % len(self.nets)]  # the others get no gradient this step
+        loss = weighted_ce_dice(net(labelled.image), labelled.target, labelled.weight)
         return loss, {"supervised": loss.item()}
 
     def predict(self, image: torch.Tensor) -> torch.Tensor:
         return predict_softmax(
-            [self.net], image, in_channels=self.in_channels, spatial_dims=self.spatial_dims
+            self.nets, image, in_channels=self.in_channels, spatial_dims=self.spatial_dims
         )
