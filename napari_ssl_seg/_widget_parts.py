@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_ssl_seg import annotation as ann
+from napari_ssl_seg.config import AUTO_DIFFUSION_SHARE_TEXT
 
 
 class LossPlot(QWidget):
@@ -158,7 +159,8 @@ class WidgetLayout:
         self.device_combo = combo()
         self.device_combo.addItems(ann.DEVICES)
         self.method_combo.setToolTip(
-            "auto: diffusion for a third of the budget when one slice is annotated (the most\n"
+            f"auto: diffusion for {AUTO_DIFFUSION_SHARE_TEXT} of the budget when one slice is "
+            "annotated (the most\n"
             "accurate from a single slice, about 70 s a round on a laptop CPU), supervised\n"
             "from two annotated slices on.\n"
             "supervised: the fastest (about 30 s a round on a laptop CPU).\n"
@@ -167,7 +169,7 @@ class WidgetLayout:
         )
         self.preset_combo.setToolTip(
             "Training iterations per round. With auto, a diffusion round (one annotated\n"
-            "slice) trains for a third of them."
+            f"slice) trains for {AUTO_DIFFUSION_SHARE_TEXT} of them."
         )
         form.addRow("Method", self.method_combo)
         form.addRow("Budget", self.preset_combo)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 from napari_ssl_seg.errors import InvalidInputError
@@ -23,9 +24,11 @@ AUTO = "auto"
 #: smoothing 1: clean 0.949/0.971/0.973, noisy 0.956/0.962/0.962, against supervised
 #: (180 iterations) 0.938/0.929/0.925 and 0.922/0.935/0.954; a 65 s round against 22 s.
 AUTO_DIFFUSION_SHARE = 1 / 3
+#: The share as user-facing text ("1/3"), for the CLI and the widget's tooltips.
+AUTO_DIFFUSION_SHARE_TEXT = str(Fraction(AUTO_DIFFUSION_SHARE).limit_denominator(20))
 AUTO_SUMMARY = (
-    "each round picks: diffusion (no stage 1, a third of the iterations) when one slice "
-    "is annotated, supervised otherwise"
+    f"each round picks: diffusion (no stage 1, {AUTO_DIFFUSION_SHARE_TEXT} of the "
+    "iterations) when one slice is annotated, supervised otherwise"
 )
 #: Budget presets the widget offers (iterations of the default method); "quick", the
 #: widget's default, is TrainConfig's default round (the CLI's).
