@@ -181,10 +181,13 @@ def train_round(
     initialised_from = "scratch"
     if config.init == "previous" and previous >= 1:
         ckpt = load_checkpoint(project.checkpoint_path(previous))
-        if ckpt["method"] == config.method and int(ckpt["num_classes"]) == data.num_classes:
-            if TrainConfig.from_dict(ckpt["config"]).features == config.features:
-                method.load_state_dict(ckpt["weights"])
-                initialised_from = f"round {previous}"
+        # Only the same method's weights that fit tensor for tensor (classes, widths,
+        # settings such as an ensemble's size); otherwise the round starts from scratch.
+        if ckpt["method"] == config.method and _same_layout(ckpt["weights"], method.state_dict()):
+            method.load_state_dict(ckpt["weights"])
+            initialised_from = f"round {previous}"
+        else:
+            initialised_from = f"scratch (round {previous}'s networks differ)"
     method.to(device)
     sampler = TwoStreamSampler(data, config)
 
@@ -345,6 +348,13 @@ def vote_window(width: int, project: Project) -> tuple[int, int, int]:
         along = width * plane_to_slice_spacing(project)
         along = max(1, int(round((along - 1) / 2)) * 2 + 1)
     return (along, width, width)
+
+
+def _same_layout(saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> bool:
+    """Whether two state dicts have the same tensor names and shapes."""
+    return saved.keys() == current.keys() and all(
+        tuple(saved[k].shape) == tuple(current[k].shape) for k in current
+    )
 
 
 def calibrate_after_training(

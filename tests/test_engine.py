@@ -76,6 +76,15 @@ def test_corrections_survive_retraining(tiny_project, tiny_config):
     assert 6 not in [s["slice"] for s in record["uncertain_slices"]]
 
 
+def test_previous_weights_that_do_not_fit_start_from_scratch(tiny_project, tiny_config):
+    project, _, _ = tiny_project
+    run_round(project, tiny_config())
+    two = tiny_config(init="previous", settings={"networks": 2})  # a two-network ensemble
+    record = run_round(project, two)
+    assert record["initialised_from"] == "scratch (round 1's networks differ)"
+    assert run_round(project, two)["initialised_from"] == "round 2"
+
+
 def test_stop_keeps_weights_and_commits(tiny_project, tiny_config):
     project, _, _ = tiny_project
     calls = {"n": 0}
