@@ -364,29 +364,20 @@ def calibrate_after_training(
 
     BatchNorm statistics are re-averaged over ``BATCHNORM_BATCHES`` training-distribution
     batches (skipped with ``batchnorm=False``), then one background-logit bias is fitted
-    on the human-labelled voxels (:func:`napari_ssl_seg.inference.calibrate_background_bias`),
-    after one per network where the method has ``fit_member_biases`` (an ensemble).
+    on the human-labelled voxels (:func:`napari_ssl_seg.inference.calibrate_background_bias`).
     """
     if batchnorm:
         recalibrate_batchnorm(method, _training_inputs(sampler, device, n=BATCHNORM_BATCHES))
     data = sampler.data
-
-    def fit(predictor: SSLMethod) -> float:
-        return calibrate_background_bias(
-            predictor,
-            data.image,
-            data.target,
-            data.weight,
-            data.human_slices,
-            mode=sampler.config.mode,
-            device=device,
-        )
-
-    # An ensemble first fits a bias per network (methods/supervised.py), then the one below.
-    fit_members = getattr(method, "fit_member_biases", None)
-    if fit_members is not None:
-        fit_members(fit)
-    return fit(method)
+    return calibrate_background_bias(
+        method,
+        data.image,
+        data.target,
+        data.weight,
+        data.human_slices,
+        mode=sampler.config.mode,
+        device=device,
+    )
 
 
 def _training_inputs(sampler: TwoStreamSampler, device: torch.device, *, n: int):

@@ -157,12 +157,7 @@ def check_image(image: torch.Tensor, *, in_channels: int, spatial_dims: int) -> 
 
 
 def predict_softmax(
-    networks: Sequence[nn.Module],
-    image: torch.Tensor,
-    *,
-    in_channels: int,
-    spatial_dims: int,
-    background_biases: Sequence[float] | None = None,
+    networks: Sequence[nn.Module], image: torch.Tensor, *, in_channels: int, spatial_dims: int
 ) -> torch.Tensor:
     """Average softmax of ``networks`` in eval mode, without gradients.
 
@@ -173,9 +168,6 @@ def predict_softmax(
     ----------
     networks : sequence of nn.Module
     image : (B, C, *spatial) float32 tensor
-    background_biases : sequence of float, optional
-        One per network, added to its background logit before its softmax (see
-        :func:`napari_ssl_seg.inference.calibrate_background_bias`).
 
     Returns
     -------
@@ -187,8 +179,7 @@ def predict_softmax(
         # NHWC input, as the engine lays out 2D networks (engine.build_method): faster on CPU.
         image = image.contiguous(memory_format=torch.channels_last)
     total = None
-    biases = [0.0] * len(networks) if background_biases is None else list(background_biases)
-    for net, bias in zip(networks, biases, strict=True):
+    for net in networks:
         was_training = net.training
         net.eval()
         try:
@@ -196,10 +187,7 @@ def predict_softmax(
                 out = net(image)
         finally:
             net.train(was_training)
-        logits = (out[0] if isinstance(out, tuple) else out).float()
-        if bias:
-            logits = logits.clone()
-            logits[:, 0] += bias
-        probs = logits.softmax(1)
+        logits = out[0] if isinstance(out, tuple) else out
+        probs = logits.float().softmax(1)
         total = probs if total is None else total + probs
     return total / len(networks)

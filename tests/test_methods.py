@@ -207,34 +207,12 @@ def test_supervised_ensemble_trains_members_in_turn_and_averages_them():
         loss.backward()
         graded = [any(p.grad is not None for p in net.parameters()) for net in nets]
         assert graded == [k == step % 3 for k in range(3)]
-    image = labelled.image
-    probs = method.predict(image)
-    torch.testing.assert_close(probs, sum(net.eval()(image).softmax(1) for net in nets) / 3)
-
-    # each network's background bias is fitted on that network alone
-    seen = []
-
-    def fit(predictor):
-        seen.append(predictor.predict(image))
-        return [0.5, -0.5, 1.0][len(seen) - 1]
-
-    method.fit_member_biases(fit)
-    for net, probs_alone in zip(nets, seen, strict=True):
-        torch.testing.assert_close(probs_alone, net.eval()(image).softmax(1))
-    assert method.member_biases.tolist() == [0.5, -0.5, 1.0]
-    shifted = [
-        net(image) + torch.tensor([b, 0.0]).view(1, 2, 1, 1)
-        for net, b in zip(nets, [0.5, -0.5, 1.0], strict=True)
-    ]
-    expected = sum(s.softmax(1) for s in shifted) / 3
-    torch.testing.assert_close(method.predict(image), expected)
-    again = make_method("supervised", networks=3)  # the biases travel in the checkpoint
-    again.load_state_dict(method.state_dict())
-    torch.testing.assert_close(again.predict(image), expected)
-
-    # one network keeps the single-network checkpoint layout ("net.*", no biases)
-    single = make_method("supervised")
-    assert set(single.state_dict()) == {k for k in method.state_dict() if k.startswith("net.")}
-    single.fit_member_biases(lambda predictor: pytest.fail("one network has no member bias"))
+    probs = method.predict(labelled.image)
+    torch.testing.assert_close(
+        probs, sum(net.eval()(labelled.image).softmax(1) for net in nets) / 3
+    )
+    # one network keeps the single-network checkpoint layout ("net.*")
+    single = make_method("supervised").state_dict()
+    assert set(single) == {k for k in method.state_dict() if k.startswith("net.")}
     with pytest.raises(ValueError, match="networks must be an integer >= 1, got 0"):
         get_method("supervised").make_settings({"networks": 0})

@@ -7,7 +7,6 @@ are classes; voxels with weight 0 were never annotated and are ignored.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +23,8 @@ class SupervisedSettings:
     """Knobs of the supervised baseline (network and schedule are shared by all methods)."""
 
     # Independently initialised UNets, trained on alternate iterations (each sees its own
-    # 1/networks of the batches and steps), each given its own background bias, and
-    # averaged at prediction: the same training time, ``networks`` times the prediction
-    # time. 1 is the plain baseline.
+    # 1/networks of the batches and steps) and averaged at prediction: the same training
+    # time, ``networks`` times the prediction time. 1 is the plain baseline.
     networks: int = 1
 
     def __post_init__(self) -> None:
@@ -54,11 +52,6 @@ class Supervised(SSLMethod):
         # ``net`` keeps its name so single-network checkpoints load as before.
         self.net = build()
         self.more_nets = torch.nn.ModuleList(build() for _ in range(self.settings.networks - 1))
-        if self.more_nets:
-            # Networks trained apart disagree on the boundary by up to a logit; one bias per
-            # network (fit_member_biases), kept in the checkpoint.
-            self.register_buffer("member_biases", torch.zeros(len(self.nets)))
-        self._only: int | None = None
 
     @property
     def nets(self) -> list[torch.nn.Module]:
@@ -74,30 +67,6 @@ class Supervised(SSLMethod):
         return loss, {"supervised": loss.item()}
 
     def predict(self, image: torch.Tensor) -> torch.Tensor:
-        nets, biases = self.nets, None
-        if self._only is not None:  # fitting one network's bias: that network alone
-            nets = [nets[self._only]]
-        elif self.more_nets:
-            biases = self.member_biases.tolist()
         return predict_softmax(
-            nets,
-            image,
-            in_channels=self.in_channels,
-            spatial_dims=self.spatial_dims,
-            background_biases=biases,
+            self.nets, image, in_channels=self.in_channels, spatial_dims=self.spatial_dims
         )
-
-    def fit_member_biases(self, fit: Callable[[SSLMethod], float]) -> None:
-        """Set each network's background bias to ``fit(self)`` with that network alone.
-
-        ``fit`` is the engine's bias fit on the human-labelled voxels; a single network
-        needs none (the engine's one bias does it).
-        """
-        if not self.more_nets:
-            return
-        for k in range(len(self.nets)):
-            self._only = k
-            try:
-                self.member_biases[k] = float(fit(self))
-            finally:
-                self._only = None
