@@ -8,9 +8,13 @@ engine code is written::
 
     for s in 0 1 2 3 4 5; do
       python benchmarks/tune_defaults.py --method supervised --iterations 90 \\
-          --eval-every 90 --seed $s --noisy --save-probs /tmp/n90_s$s.npy
+          --eval-every 90 --seed $s --save-probs /tmp/c90_s$s.npy
     done
-    python benchmarks/ensemble_probs.py --slices 3 /tmp/n90_s*.npy
+    python benchmarks/ensemble_probs.py --slices 3 /tmp/c90_s*.npy
+
+Use files predicted from the same image: ``tune_defaults.py --noisy`` draws the noise
+with ``--seed``, so averaging noisy runs of different seeds averages two noise draws
+of the volume (which a user never has) and overstates the gain.
 """
 
 from __future__ import annotations
