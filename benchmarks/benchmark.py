@@ -6,7 +6,8 @@ slices (``quickstart_slices(n)``) and each seed, every method trains one round t
 the engine (a fresh project in a temporary directory, default settings unless
 ``--iterations``) and the baselines run: ``random-forest`` (ilastik-style, see
 ``baselines.py``) and ``otsu``. ``diffusion-no-stage1`` is ``diffusion`` with
-``pretrain_iterations=0``. Dice is scored on the slices no human annotated.
+``pretrain_iterations=0``, ``diffusion-rounds3`` the same with ``rounds=3``. Dice is
+scored on the slices no human annotated.
 
 Each job runs in its own child process, so its peak resident memory is its own
 (``ru_maxrss``, which includes the ~0.3-0.5 GB of Python, torch and MONAI). The full run,
@@ -55,7 +56,11 @@ from _common import (
 #: (``TrainConfig.vote``), to show what that post-processing alone is worth.
 BASELINES = ("random-forest", "random-forest-vote", "otsu")
 #: Extra rows that are a registered method with some settings changed.
-VARIANT_METHODS = {"diffusion-no-stage1": ("diffusion", {"pretrain_iterations": 0})}
+VARIANT_METHODS = {
+    "diffusion-no-stage1": ("diffusion", {"pretrain_iterations": 0}),
+    # The paper's 3 pseudo-label rounds per iteration (the CPU default is 1).
+    "diffusion-rounds3": ("diffusion", {"pretrain_iterations": 0, "rounds": 3}),
+}
 
 
 def all_methods() -> list[str]:
