@@ -40,16 +40,16 @@ def main(argv=None) -> None:
     _, truth, _ = load_nuclei()
     annotated = set(quickstart_slices(args.slices))
     scored = [z for z in range(truth.shape[0]) if z not in annotated]
-    volumes = [np.load(path, mmap_mode="r") for path in args.probs]
+    volumes = [np.load(path) for path in args.probs]  # read once; every pair reuses them
 
     def score(probs: np.ndarray) -> float:
         labels = probs.argmax(1).astype(np.uint16)
         labels = vote_volume(labels, (args.vote,) * 3, num_classes=probs.shape[1])
         return round(dice(labels[scored], truth[scored]), 4)
 
-    alone = [score(np.asarray(v)) for v in volumes]
+    alone = [score(v) for v in volumes]
     pairs = {
-        f"{a},{b}": score((np.asarray(volumes[a]) + np.asarray(volumes[b])) / 2)
+        f"{a},{b}": score((volumes[a] + volumes[b]) / 2)
         for a, b in itertools.combinations(range(len(volumes)), 2)
     }
     result = {
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
         "alone_mean": round(float(np.mean(alone)), 4),
         "pairs": pairs,
         "pairs_mean": round(float(np.mean(list(pairs.values()))), 4) if pairs else None,
-        "all": score(sum(np.asarray(v) for v in volumes) / len(volumes)),
+        "all": score(sum(volumes) / len(volumes)),
     }
     print(json.dumps(result, indent=1))
 

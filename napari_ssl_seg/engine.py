@@ -344,7 +344,7 @@ def vote_window(width: int, project: Project) -> tuple[int, int, int]:
     voxel size is known (rounded to an odd count, at least 1), else ``width`` voxels.
     """
     along = width
-    if project.voxel_size is not None and width > 1:
+    if width > 1:  # plane_to_slice_spacing is 1 where the voxel size is unknown
         along = width * plane_to_slice_spacing(project)
         along = max(1, int(round((along - 1) / 2)) * 2 + 1)
     return (along, width, width)
