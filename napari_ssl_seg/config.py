@@ -73,6 +73,11 @@ class TrainConfig:
     pseudo_threshold : float
         Round r+1 learns from round r's pseudo-labels where its confidence (max class
         probability) is at least this; human voxels always win.
+    pseudo_class_share : float
+        Per class, the most confident this share of the voxels predicted as that class
+        also become pseudo-labels when below ``pseudo_threshold`` (class-balanced
+        self-training; :func:`napari_ssl_seg.data.confident_pseudo_labels`); 0 = the
+        threshold alone.
     pseudo_weight : float
         Loss weight of those pseudo-labelled voxels (human voxels weigh 1).
     human_fraction : float
@@ -120,6 +125,7 @@ class TrainConfig:
     # 0.939/0.939 vs 0.934/0.931. Continuing kept round r's boundary bias.
     init: str = "scratch"
     pseudo_threshold: float = 0.9
+    pseudo_class_share: float = 0.5
     pseudo_weight: float = 0.5
     human_fraction: float = 0.5
     # 5 voxels: the sample, 3 slices, supervised, 2 cores, seeds 0/1 -> noisy Dice 0.934/0.927
@@ -145,6 +151,7 @@ class TrainConfig:
             (self.lr > 0, "lr", "> 0"),
             (len(self.features) == 6, "features", "6 integers"),
             (0.0 <= self.pseudo_threshold <= 1.0, "pseudo_threshold", "in [0, 1]"),
+            (0.0 <= self.pseudo_class_share <= 1.0, "pseudo_class_share", "in [0, 1]"),
             (self.pseudo_weight >= 0, "pseudo_weight", ">= 0"),
             (0.0 < self.human_fraction <= 1.0, "human_fraction", "in (0, 1]"),
             (self.threads >= 0, "threads", ">= 0"),

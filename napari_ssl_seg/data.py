@@ -169,6 +169,57 @@ class TrainingSet:
     smoothing: tuple[float, float] = (0.0, 0.0)
 
 
+def confident_pseudo_labels(
+    pseudo: np.ndarray,
+    confidence: np.ndarray,
+    free: np.ndarray,
+    threshold: float,
+    class_share: float,
+    *,
+    max_samples: int = 2_000_000,
+) -> np.ndarray:
+    """Which pseudo-labels round r+1 learns from: confident ones, balanced per class.
+
+    A voxel of ``free`` is kept where its confidence is at least ``threshold``, or at
+    least the confidence of the ``class_share`` most confident voxels predicted as the
+    same class (class-balanced self-training, Zou et al., ECCV 2018). With a few labelled
+    slices the network is much less sure of the minority class than of the background:
+    on the sample 5 % of the voxels it calls nucleus reach 0.9 against 95 % of the
+    background, so a plain threshold teaches the next round almost only background.
+
+    Parameters
+    ----------
+    pseudo : (S, H, W) integer ndarray
+        The round's labels.
+    confidence : (S, H, W) float ndarray
+        Its confidence (max class probability).
+    free : (S, H, W) bool ndarray
+        Voxels no human labelled (the only ones a pseudo-label may fill).
+    threshold : float
+        Confidence that always suffices.
+    class_share : float
+        In [0, 1]; 0 keeps the threshold alone.
+    max_samples : int
+        Voxels per class used to estimate its quantile (strided sample of a large volume).
+
+    Returns
+    -------
+    (S, H, W) bool ndarray
+        True where the pseudo-label is used (never on a human voxel).
+    """
+    use = (confidence >= threshold) & free
+    if class_share <= 0:
+        return use
+    for c in np.unique(pseudo[free]):
+        in_class = (pseudo == c) & free
+        values = confidence[in_class]
+        values = values[:: max(1, values.size // max_samples)]
+        floor = float(np.quantile(values, 1.0 - class_share))
+        if floor < threshold:
+            use |= in_class & (confidence >= floor)
+    return use
+
+
 def load_training_set(
     project: Project, config: TrainConfig, *, pseudo_round: int | None = None
 ) -> TrainingSet:
@@ -203,7 +254,9 @@ def load_training_set(
     if pseudo_round >= 1 and config.pseudo_weight > 0:
         pseudo = np.moveaxis(np.asarray(project.pseudo_labels(pseudo_round)[...]), axis, 0)
         conf = np.moveaxis(np.asarray(project.confidence(pseudo_round)[...]), axis, 0)
-        use = (conf >= config.pseudo_threshold) & ~human
+        use = confident_pseudo_labels(
+            pseudo, conf, ~human, config.pseudo_threshold, config.pseudo_class_share
+        )
         target[use] = pseudo[use]
         weight[use] = config.pseudo_weight
     human_slices = [int(i) for i in np.flatnonzero(human.any(axis=(1, 2)))]
@@ -316,6 +369,7 @@ class TwoStreamSampler:
 
 __all__ = [
     "TrainingSet",
+    "confident_pseudo_labels",
     "TwoStreamSampler",
     "load_training_set",
     "normalisation",

@@ -147,6 +147,48 @@ def test_annotated_empty_slice_teaches_background(tmp_path, tiny_config):
     assert record["human_slices"] == [0, 4]
 
 
+def test_pseudo_labels_are_balanced_per_class_and_skip_human_voxels():
+    from napari_ssl_seg.data import confident_pseudo_labels
+
+    rng = np.random.default_rng(0)
+    pseudo = np.zeros((2, 20, 20), np.uint16)
+    pseudo[:, 5:15, 5:15] = 1  # the minority class
+    # Sure of the background (0.95-1.0), unsure of the object (0.55-0.85).
+    confidence = np.where(pseudo == 1, rng.uniform(0.55, 0.85, pseudo.shape), 0.0)
+    confidence = np.where(pseudo == 0, rng.uniform(0.95, 1.0, pseudo.shape), confidence)
+    free = np.ones(pseudo.shape, bool)
+    free[0] = False  # slice 0 is human-labelled
+    plain = confident_pseudo_labels(pseudo, confidence, free, 0.9, 0.0)
+    assert not plain[pseudo == 1].any() and plain[1][pseudo[1] == 0].all()
+    balanced = confident_pseudo_labels(pseudo, confidence, free, 0.9, 0.5)
+    assert not balanced[0].any()  # never on a human voxel
+    kept = balanced[1][pseudo[1] == 1]
+    assert abs(kept.mean() - 0.5) < 0.02  # the object's most confident half
+    high = confidence[1][pseudo[1] == 1] >= np.median(confidence[1][pseudo[1] == 1])
+    np.testing.assert_array_equal(kept, high)
+    assert balanced[1][pseudo[1] == 0].all()  # the threshold still admits all background
+
+
+def test_retrain_round_learns_from_both_classes(tiny_project, tiny_config):
+    from napari_ssl_seg.data import load_training_set
+
+    project, _, _ = tiny_project
+    run_round(project, tiny_config(iterations=20))
+    pseudo = np.asarray(project.pseudo_labels(1)[...])
+    confidence = np.asarray(project.confidence(1)[...])
+    _, human = project.human_labels()
+    for share, expect_object in ((0.0, None), (0.5, True)):
+        data = load_training_set(project, tiny_config(pseudo_class_share=share))
+        used = (data.weight == 0.5) & ~human
+        assert not (data.weight[human] != 1).any()
+        np.testing.assert_array_equal(data.target[used], pseudo[used])
+        object_voxels = ((pseudo == 1) & ~human).sum()
+        if expect_object:
+            assert (data.target[used] == 1).sum() >= 0.45 * object_voxels
+        else:
+            np.testing.assert_array_equal(used, (confidence >= 0.9) & ~human)
+
+
 @pytest.mark.parametrize("name", [m for m in method_names()])
 def test_every_method_writes_a_round(tiny_project, tiny_config, name):
     project, _, _ = tiny_project
