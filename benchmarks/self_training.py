@@ -29,19 +29,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seeds", type=ints, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", default="clean,noisy")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainConfig field"
+    )
     args = parser.parse_args()
 
     from napari_ssl_seg._sample_data import quickstart_slices
+    from napari_ssl_seg.cli import _parse_value as parse_value
     from napari_ssl_seg.config import TrainConfig
     from napari_ssl_seg.engine import run_round
     from napari_ssl_seg.store import Project
 
     print(json.dumps({"machine": machine_info("cpu")["cpu"], "arguments": vars(args)}))
     slices = quickstart_slices(args.slices)
-    for variant in ("clean", "noisy"):
+    values = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    for variant in args.variants.split(","):
         for seed in args.seeds:
             image, truth = load_variant(variant, seed)
-            config = TrainConfig(seed=seed, threads=args.threads)
+            config = TrainConfig(seed=seed, threads=args.threads, **values)
             dice, seconds, methods = [], [], []
             with tempfile.TemporaryDirectory() as tmp:
                 project = Project.create(Path(tmp) / "p.zarr", image)
@@ -53,6 +59,7 @@ def main() -> None:
                     seconds.append(record["seconds"])
                     methods.append(record["method"])
             row = {"variant": variant, "seed": seed, "slices": args.slices, "methods": methods}
+            row["set"] = args.set
             print(json.dumps({**row, "dice": dice, "seconds": seconds}), flush=True)
 
 
