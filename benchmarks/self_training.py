@@ -58,8 +58,8 @@ def main() -> None:
                     dice.append(round(unannotated_dice(pred, truth, slices), 5))
                     seconds.append(record["seconds"])
                     methods.append(record["method"])
-            row = {"variant": variant, "seed": seed, "slices": args.slices, "methods": methods}
-            row["set"] = args.set
+            row = {"variant": variant, "seed": seed, "slices": args.slices, "set": args.set}
+            row["methods"] = methods
             print(json.dumps({**row, "dice": dice, "seconds": seconds}), flush=True)
 
 
