@@ -74,10 +74,10 @@ def main(argv=None) -> None:
         **values,
     )
     seed_everything(config.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        project = Project.create(f"{tmp}/p.zarr", image)
-        project.annotate_slices(truth, slices)
-        data = load_training_set(project, config)
+    tmp = tempfile.TemporaryDirectory()  # the training set reads slices from the project
+    project = Project.create(f"{tmp.name}/p.zarr", image)
+    project.annotate_slices(truth, slices)
+    data = load_training_set(project, config)
     device = torch.device(args.device)
     method = build_method(config, num_classes=data.num_classes).to(device)
     sampler = TwoStreamSampler(data, config)

@@ -8,6 +8,8 @@ the human label: no pseudo-label ever replaces them.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +28,7 @@ from scipy import ndimage as ndi
 from napari_ssl_seg.config import TrainConfig
 from napari_ssl_seg.errors import InvalidInputError
 from napari_ssl_seg.methods.base import Batch
-from napari_ssl_seg.store import Project
+from napari_ssl_seg.store import Project, iter_slabs
 
 
 def normalisation(image, axis: int = 0, *, max_samples: int = 2_000_000) -> tuple[float, float]:
@@ -135,16 +137,23 @@ def smooth(
 
 @dataclass
 class TrainingSet:
-    """The volume in slice-first order with targets and per-voxel weights.
+    """What a round trains on, in slice-first order, read slice by slice on demand.
+
+    ``image``, ``target`` and ``weight`` are :class:`SliceArray` views: indexing one with
+    an int, a slice or a list of slice indices reads just those slices from the project
+    (and keeps recently used ones in a bounded cache), so a volume larger than memory can
+    be trained on. ``np.asarray(view)`` reads the whole volume (for small volumes and
+    tests). The human labels are read once, when the set is made, so strokes painted
+    while a round trains do not leak into it.
 
     Attributes
     ----------
-    image : (S, H, W) float32 ndarray
+    image : (S, H, W) float32 SliceArray
         Normalised image with the project's slice axis first, smoothed
         (``TrainConfig.smoothing``) as the network sees it.
-    target : (S, H, W) int64 ndarray
+    target : (S, H, W) int32 SliceArray
         Human labels where known, else confident pseudo-labels, else 0.
-    weight : (S, H, W) float32 ndarray
+    weight : (S, H, W) float32 SliceArray
         1 on human voxels, ``pseudo_weight`` on confident pseudo-labelled ones, else 0.
     human_slices : list of int
         Slices holding human voxels.
@@ -159,9 +168,9 @@ class TrainingSet:
         (:func:`smoothing_sigmas`); prediction smooths its input the same way.
     """
 
-    image: np.ndarray
-    target: np.ndarray
-    weight: np.ndarray
+    image: SliceArray
+    target: SliceArray
+    weight: SliceArray
     human_slices: list[int]
     pseudo_slices: list[int]
     num_classes: int
@@ -186,12 +195,14 @@ def confident_pseudo_labels(
     slices the network is much less sure of the minority class than of the background:
     on the sample 5 % of the voxels it calls nucleus reach 0.9 against 95 % of the
     background, so a plain threshold teaches the next round almost only background.
+    Whole arrays in memory; :func:`load_training_set` applies the same rule slab by slab
+    (:func:`pseudo_label_floors`).
 
     Parameters
     ----------
     pseudo : (S, H, W) integer ndarray
         The round's labels.
-    confidence : (S, H, W) float ndarray
+    confidence : (S, H, W) float32 ndarray
         Its confidence (max class probability).
     free : (S, H, W) bool ndarray
         Voxels no human labelled (the only ones a pseudo-label may fill).
@@ -207,65 +218,279 @@ def confident_pseudo_labels(
     (S, H, W) bool ndarray
         True where the pseudo-label is used (never on a human voxel).
     """
-    use = (confidence >= threshold) & free
-    if class_share <= 0:
-        return use
-    for c in np.unique(pseudo[free]):
-        in_class = (pseudo == c) & free
-        values = confidence[in_class]
-        values = values[:: max(1, values.size // max_samples)]
-        floor = float(np.quantile(values, 1.0 - class_share))
-        if floor < threshold:
-            use |= in_class & (confidence >= floor)
-    return use
+    floors, _ = pseudo_label_floors(
+        lambda: iter([(pseudo, confidence, free)]),
+        threshold,
+        class_share,
+        max_samples=max_samples,
+    )
+    return _confident(pseudo, confidence, free, floors)
+
+
+def pseudo_label_floors(
+    blocks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]],
+    threshold: float,
+    class_share: float,
+    *,
+    max_samples: int = 2_000_000,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The confidence each class's pseudo-labels need, from a volume streamed in blocks.
+
+    Parameters
+    ----------
+    blocks : callable
+        Returns an iterator over ``(pseudo, confidence, free)`` blocks of the volume, in
+        order (slice-first); called twice (class sizes, then quantiles), so a volume
+        larger than memory is read twice, block by block.
+    threshold, class_share, max_samples
+        As in :func:`confident_pseudo_labels`.
+
+    Returns
+    -------
+    floors : (K,) float32 ndarray
+        Per class value, the smallest confidence at which its free voxels are used:
+        ``threshold``, or the class's ``1 - class_share`` confidence quantile where that
+        is lower. Each class's quantile is taken over every ``n // max_samples``-th of
+        its ``n`` free voxels in volume order (all of them in a small volume).
+    block_peaks : (S, K) float32 ndarray
+        Per slice of the blocks (in order) and class, the highest confidence of a free
+        voxel predicted as that class (-inf where none), so that a slice holds a usable
+        pseudo-label where ``(block_peaks >= floors).any(1)``.
+    """
+    counts: dict[int, int] = {}
+    for pseudo, _, free in blocks():
+        values, n = np.unique(pseudo[free], return_counts=True)
+        for c, k in zip(values.tolist(), n.tolist(), strict=True):
+            counts[c] = counts.get(c, 0) + k
+    size = max(counts, default=0) + 1
+    strides = {c: max(1, n // max_samples) for c, n in counts.items()}
+    seen = dict.fromkeys(counts, 0)
+    samples: dict[int, list[np.ndarray]] = {c: [] for c in counts}
+    peaks = []
+    for pseudo, confidence, free in blocks():
+        free_class, free_conf = pseudo[free], confidence[free]
+        for c in counts:
+            values = free_conf[free_class == c]
+            # Continue one stride across blocks: values[::stride] of the whole volume.
+            samples[c].append(values[(-seen[c]) % strides[c] :: strides[c]])
+            seen[c] += values.size
+        peak = np.full((len(pseudo), size), -np.inf, np.float32)
+        for c in counts:
+            masked = np.where(free & (pseudo == c), confidence, -np.inf)
+            peak[:, c] = masked.reshape(len(pseudo), -1).max(1)
+        peaks.append(peak)
+    # float32 like the confidences, so ``confidence >= floor`` compares as numpy does
+    # with a Python float threshold.
+    floors = np.full(size, threshold, np.float32)
+    if class_share > 0:
+        for c, parts in samples.items():
+            floors[c] = min(
+                floors[c], np.float32(np.quantile(np.concatenate(parts), 1 - class_share))
+            )
+    block_peaks = np.concatenate(peaks) if peaks else np.zeros((0, size), np.float32)
+    return floors, block_peaks
+
+
+def _confident(
+    pseudo: np.ndarray, confidence: np.ndarray, free: np.ndarray, floors: np.ndarray
+) -> np.ndarray:
+    """``free & (confidence >= floors[pseudo])`` (classes no free voxel had: never used)."""
+    if floors.size == 0:
+        return np.zeros(pseudo.shape, bool)
+    return free & (confidence >= np.take(floors, pseudo, mode="clip"))
+
+
+#: Bytes of prepared slices a :class:`TrainingSet` keeps per view kind (image; labels).
+TRAINING_CACHE_BYTES = 256 * 2**20
 
 
 def load_training_set(
-    project: Project, config: TrainConfig, *, pseudo_round: int | None = None
+    project: Project,
+    config: TrainConfig,
+    *,
+    pseudo_round: int | None = None,
+    cache_bytes: int = TRAINING_CACHE_BYTES,
 ) -> TrainingSet:
-    """Read everything a round trains on from ``project``.
+    """Prepare what a round trains on from ``project``, reading slices on demand.
+
+    The human labels of the annotated slices are read now (a snapshot); with an earlier
+    round, its pseudo-labels and confidences are streamed twice to find the confident
+    ones; the image and the labels of other slices are read when a batch first needs
+    them. Memory stays near ``2 * cache_bytes`` plus the human slices, whatever the
+    volume's size.
 
     Parameters
     ----------
     pseudo_round : int, optional
         Round whose confident pseudo-labels join the labelled set (default: the latest;
         0 = none).
+    cache_bytes : int
+        Prepared slices kept for reuse, per kind (image; target and weight).
 
     Raises
     ------
     InvalidInputError
         No voxel is annotated or corrected yet.
     """
-    axis = project.axis
-    norm = normalisation(project.image, axis)
-    image = np.moveaxis(normalise(project.image[...], norm), axis, 0)
-    smoothing = smoothing_sigmas(config.smoothing, project)
-    image = smooth(image, smoothing)
-    labels, human = project.human_labels()
-    labels, human = np.moveaxis(labels, axis, 0), np.moveaxis(human, axis, 0)
-    if not human.any():
+    axis, n = project.axis, project.n_slices
+    plane = tuple(s for a, s in enumerate(project.shape) if a != axis)
+    human_slices = sorted(set(project.annotated_slices()) | set(project.corrected_slices()))
+    if not human_slices:
         raise InvalidInputError(
             f"{project.path}: no slice is annotated yet; annotate at least one slice "
             "(an empty slice counts when marked as annotated background)"
         )
-    target = labels.astype(np.int64)
-    weight = human.astype(np.float32)
-    pseudo_round = project.latest_round if pseudo_round is None else pseudo_round
-    if pseudo_round >= 1 and config.pseudo_weight > 0:
-        pseudo = np.moveaxis(np.asarray(project.pseudo_labels(pseudo_round)[...]), axis, 0)
-        conf = np.moveaxis(np.asarray(project.confidence(pseudo_round)[...]), axis, 0)
-        use = confident_pseudo_labels(
-            pseudo, conf, ~human, config.pseudo_threshold, config.pseudo_class_share
-        )
-        target[use] = pseudo[use]
-        weight[use] = config.pseudo_weight
-    human_slices = [int(i) for i in np.flatnonzero(human.any(axis=(1, 2)))]
-    has_weight = weight.any(axis=(1, 2))
-    pseudo_slices = [int(i) for i in np.flatnonzero(has_weight) if i not in set(human_slices)]
-    num_classes = max(2, int(labels[human].max()) + 1)
-    return TrainingSet(
-        image, target, weight, human_slices, pseudo_slices, num_classes, norm, smoothing
+    human = {i: project.human_labels(project.slice_index(i)) for i in human_slices}
+    num_classes = max(
+        2, max(int(labels[mask].max(initial=0)) for labels, mask in human.values()) + 1
     )
+
+    norm = normalisation(project.image, axis)
+    smoothing = smoothing_sigmas(config.smoothing, project)
+    halo = smoothing_halo(smoothing)
+
+    def read(array, lo: int, hi: int) -> np.ndarray:
+        return np.moveaxis(np.asarray(array[_slab_index(axis, lo, hi)]), axis, 0)
+
+    def load_image(lo: int, hi: int) -> tuple[np.ndarray]:
+        first, last = max(0, lo - halo), min(n, hi + halo)
+        block = normalise(read(project.image, first, last), norm)
+        return (smooth(block, smoothing, keep=slice(lo - first, hi - first)),)
+
+    pseudo_round = project.latest_round if pseudo_round is None else pseudo_round
+    use_pseudo = pseudo_round >= 1 and config.pseudo_weight > 0
+    floors = np.zeros(0, np.float32)
+    pseudo_slices: list[int] = []
+    if use_pseudo:
+        pseudo_array = project.pseudo_labels(pseudo_round)
+        confidence_array = project.confidence(pseudo_round)
+
+        def free_mask(lo: int, hi: int) -> np.ndarray:
+            free = np.ones((hi - lo, *plane), bool)
+            for i in range(lo, hi):
+                if i in human:
+                    free[i - lo] = ~human[i][1]
+            return free
+
+        def blocks():
+            for index in iter_slabs(project.shape, axis):
+                lo, hi = index[axis].start, index[axis].stop
+                yield read(pseudo_array, lo, hi), read(confidence_array, lo, hi), free_mask(lo, hi)
+
+        floors, peaks = pseudo_label_floors(
+            blocks, config.pseudo_threshold, config.pseudo_class_share
+        )
+        usable = (peaks >= floors).any(1) if floors.size else np.zeros(n, bool)
+        pseudo_slices = [int(i) for i in np.flatnonzero(usable) if int(i) not in human]
+
+    def load_labels(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        target = np.zeros((hi - lo, *plane), np.int32)
+        weight = np.zeros((hi - lo, *plane), np.float32)
+        for i in range(lo, hi):
+            if i in human:
+                labels, mask = human[i]
+                target[i - lo], weight[i - lo] = labels, mask
+        if use_pseudo:
+            pseudo = read(pseudo_array, lo, hi)
+            use = _confident(pseudo, read(confidence_array, lo, hi), free_mask(lo, hi), floors)
+            target[use] = pseudo[use]
+            weight[use] = config.pseudo_weight
+        return target, weight
+
+    shape = (n, *plane)
+    images = _SliceCache(load_image, cache_bytes)
+    labels = _SliceCache(load_labels, cache_bytes)
+    return TrainingSet(
+        SliceArray(images, 0, shape, np.dtype(np.float32)),
+        SliceArray(labels, 0, shape, np.dtype(np.int32)),
+        SliceArray(labels, 1, shape, np.dtype(np.float32)),
+        human_slices,
+        pseudo_slices,
+        num_classes,
+        norm,
+        smoothing,
+    )
+
+
+def _slab_index(axis: int, lo: int, hi: int) -> tuple[slice, ...]:
+    index = [slice(None)] * 3
+    index[axis] = slice(lo, hi)
+    return tuple(index)
+
+
+class _SliceCache:
+    """Slices made by ``load(lo, hi)`` (a tuple of (hi - lo, H, W) arrays), kept in a
+    least-recently-used cache of at most ``max_bytes``."""
+
+    def __init__(self, load: Callable[[int, int], tuple[np.ndarray, ...]], max_bytes: int):
+        self._load = load
+        self._max_bytes = max_bytes
+        self._slices: OrderedDict[int, tuple[np.ndarray, ...]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, indices: Sequence[int]) -> list[tuple[np.ndarray, ...]]:
+        found = {i: self._slices[i] for i in indices if i in self._slices}
+        missing = sorted(set(indices) - set(found))
+        # Contiguous runs are read as one block (one halo, one read per chunk row).
+        runs = np.split(np.asarray(missing, int), np.flatnonzero(np.diff(missing) != 1) + 1)
+        for run in runs if missing else []:
+            lo, hi = int(run[0]), int(run[-1]) + 1
+            block = self._load(lo, hi)
+            for i in range(lo, hi):
+                found[i] = tuple(np.array(part[i - lo]) for part in block)
+                self._put(i, found[i])
+        for i in found:
+            if i in self._slices:
+                self._slices.move_to_end(i)
+        return [found[i] for i in indices]
+
+    def _put(self, i: int, item: tuple[np.ndarray, ...]) -> None:
+        self._slices[i] = item
+        self._bytes += sum(a.nbytes for a in item)
+        while self._bytes > self._max_bytes and len(self._slices) > 1:
+            _, old = self._slices.popitem(last=False)
+            self._bytes -= sum(a.nbytes for a in old)
+
+
+class SliceArray:
+    """A read-only, slice-first (S, H, W) volume read on demand (see :class:`TrainingSet`).
+
+    Index it along its first axis only: ``view[i]`` is one (H, W) slice, ``view[a:b]`` and
+    ``view[[i, j]]`` stack (k, H, W); ``np.asarray(view)`` reads every slice.
+    """
+
+    def __init__(self, cache: _SliceCache, part: int, shape: tuple[int, ...], dtype) -> None:
+        self._cache, self._part = cache, part
+        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, int | np.integer):
+            i = int(key) + (self.shape[0] if key < 0 else 0)
+            if not 0 <= i < self.shape[0]:
+                raise IndexError(f"slice {key} out of range for {self.shape[0]} slices")
+            return self._cache.get([i])[0][self._part]
+        if isinstance(key, slice):
+            indices = list(range(*key.indices(self.shape[0])))
+        else:
+            indices = np.asarray(key)
+            if indices.ndim != 1 or indices.dtype.kind not in "iu":
+                raise TypeError("index a SliceArray with an int, a slice or a list of ints")
+            indices = [self._check(int(i)) for i in indices]
+        if not indices:
+            return np.zeros((0, *self.shape[1:]), self.dtype)
+        return np.stack([item[self._part] for item in self._cache.get(indices)])
+
+    def _check(self, i: int) -> int:
+        if not -self.shape[0] <= i < self.shape[0]:
+            raise IndexError(f"slice {i} out of range for {self.shape[0]} slices")
+        return i % self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
 
 
 def slice_stack(image: np.ndarray, indices: np.ndarray | list[int], mode: str) -> np.ndarray:
@@ -299,11 +524,14 @@ class TwoStreamSampler:
         self.rng = np.random.default_rng(config.seed)
         self.mode = config.mode
         spatial = 3 if config.mode == "3d" else 2
+        # Square in-plane crops: a quarter turn of a non-square crop would not stack
+        # with unturned ones (slices of 60 x 256 along a project's axis 1, say).
+        side = min(data.image.shape[1:])
         if spatial == 2:
-            size = [min(config.patch_size, n) for n in data.image.shape[1:]]
+            size = [min(config.patch_size, side)] * 2
         else:
             cube = max(32, config.patch_size // 2)
-            size = [min(cube, n) for n in data.image.shape]
+            size = [min(cube, data.image.shape[0]), *[min(cube, side)] * 2]
         pad = [max(16, int(np.ceil(s / 16) * 16)) for s in size]
         keys = ["image", "target", "weight"]
         axes = [(0, 1)] if spatial == 2 else [(1, 2)]
@@ -331,13 +559,20 @@ class TwoStreamSampler:
                 "target": d.target[sl][None],
                 "weight": d.weight[sl][None],
             }
-        else:
+        elif labelled:
             item = {
                 "image": slice_stack(d.image, [index], self.mode)[0],
                 "target": d.target[index][None],
                 "weight": d.weight[index][None],
             }
-        if not labelled:
+        else:  # labels are not read for the unlabelled stream
+            image = slice_stack(d.image, [index], self.mode)[0]
+            item = {
+                "image": image,
+                "target": np.zeros((1, *image.shape[1:]), np.int32),
+                "weight": np.zeros((1, *image.shape[1:]), np.float32),
+            }
+        if not labelled:  # 3D cubes: labels read with the image, then ignored
             item["weight"] = np.zeros_like(item["weight"])
         out = self.transform(item)
         return {k: np.asarray(v) for k, v in out.items()}
@@ -368,8 +603,10 @@ class TwoStreamSampler:
 
 
 __all__ = [
+    "SliceArray",
     "TrainingSet",
     "confident_pseudo_labels",
+    "pseudo_label_floors",
     "TwoStreamSampler",
     "load_training_set",
     "normalisation",

@@ -180,9 +180,10 @@ def test_retrain_round_learns_from_both_classes(tiny_project, tiny_config):
     used = {}
     for share in (0.0, 0.5):
         data = load_training_set(project, tiny_config(pseudo_class_share=share))
-        used[share] = (data.weight == 0.5) & ~human
-        assert (data.weight[human] == 1).all()
-        np.testing.assert_array_equal(data.target[used[share]], pseudo[used[share]])
+        weight, target = np.asarray(data.weight), np.asarray(data.target)
+        used[share] = (weight == 0.5) & ~human
+        assert (weight[human] == 1).all()
+        np.testing.assert_array_equal(target[used[share]], pseudo[used[share]])
     np.testing.assert_array_equal(used[0.0], (confidence >= 0.9) & ~human)
     object_voxels = ((pseudo == 1) & ~human).sum()
     assert (pseudo[used[0.5]] == 1).sum() >= 0.45 * object_voxels
