@@ -1,0 +1,121 @@
+"""The training set reads slices on demand and equals the whole-volume computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_ssl_seg.data import (
+    TwoStreamSampler,
+    confident_pseudo_labels,
+    load_training_set,
+    normalisation,
+    normalise,
+    pseudo_label_floors,
+    smooth,
+    smoothing_sigmas,
+)
+from napari_ssl_seg.engine import run_round
+from napari_ssl_seg.store import Project
+from tests.conftest import disks_volume
+
+
+def whole_volume_arrays(project: Project, config, pseudo_round: int):
+    """(image, target, weight) computed on whole in-memory arrays, slice axis first."""
+    axis = project.axis
+    norm = normalisation(project.image, axis)
+    image = np.moveaxis(normalise(project.image[...], norm), axis, 0)
+    image = smooth(image, smoothing_sigmas(config.smoothing, project))
+    labels, human = (np.moveaxis(a, axis, 0) for a in project.human_labels())
+    target, weight = labels.astype(np.int64), human.astype(np.float32)
+    if pseudo_round:
+        pseudo = np.moveaxis(np.asarray(project.pseudo_labels(pseudo_round)[...]), axis, 0)
+        conf = np.moveaxis(np.asarray(project.confidence(pseudo_round)[...]), axis, 0)
+        use = confident_pseudo_labels(
+            pseudo, conf, ~human, config.pseudo_threshold, config.pseudo_class_share
+        )
+        target[use], weight[use] = pseudo[use], config.pseudo_weight
+    return image, target, weight
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_slices_on_demand_equal_the_whole_volume(tmp_path, tiny_config, axis):
+    image, labels = disks_volume()
+    project = Project.create(tmp_path / "p.zarr", image, axis=axis, voxel_size=(2.0, 0.5, 0.5))
+    project.annotate_slices(labels, [3, 20] if axis else [2, 5])
+    config = tiny_config(iterations=6, labelled_batch=2)  # BatchNorm at 1 x 1 needs 2
+    run_round(project, config)  # axis 1: 8 x 32 slices, so crops must stay square
+    # A partial correction (the rest of that slice stays unannotated).
+    region = [slice(4, 6), slice(8, 12), slice(8, 12)]
+    region[axis] = slice(7, 8)
+    project.apply_edit("correction", region, labels[tuple(region)], round=1)
+
+    for pseudo_round in (0, 1):
+        data = load_training_set(project, config, pseudo_round=pseudo_round, cache_bytes=5000)
+        for name, expected in zip(
+            ("image", "target", "weight"),
+            whole_volume_arrays(project, config, pseudo_round),
+            strict=True,
+        ):
+            view = getattr(data, name)
+            np.testing.assert_array_equal(np.asarray(view), expected, err_msg=name)
+            np.testing.assert_array_equal(view[[4, 1, 4]], expected[[4, 1, 4]])
+            np.testing.assert_array_equal(view[-1], expected[-1])
+        human = sorted({3, 20, 7} if axis else {2, 5, 7})
+        assert data.human_slices == human
+        weight = whole_volume_arrays(project, config, pseudo_round)[2]
+        has_pseudo = [i for i in np.flatnonzero(weight.any(axis=(1, 2))) if i not in human]
+        assert data.pseudo_slices == has_pseudo and (pseudo_round == 0) == (not has_pseudo)
+        # The cache holds a few slices, never the volume (one 8 x 32 x 32 slice: 4 kB).
+        assert data.image._cache._bytes <= 5000 + 4 * 32 * 32
+
+
+def test_streamed_pseudo_label_floors_equal_one_block():
+    rng = np.random.default_rng(1)
+    pseudo = (rng.random((9, 16, 16)) < 0.3).astype(np.uint16)
+    confidence = rng.random((9, 16, 16)).astype(np.float32)
+    free = rng.random((9, 16, 16)) < 0.8
+
+    def blocks(step):
+        return lambda: (
+            (pseudo[i : i + step], confidence[i : i + step], free[i : i + step])
+            for i in range(0, 9, step)
+        )
+
+    # 100 samples per class: a strided subsample that must continue across blocks.
+    whole, whole_peaks = pseudo_label_floors(blocks(9), 0.9, 0.5, max_samples=100)
+    for step in (1, 2, 4):
+        floors, peaks = pseudo_label_floors(blocks(step), 0.9, 0.5, max_samples=100)
+        np.testing.assert_array_equal(floors, whole)
+        np.testing.assert_array_equal(peaks, whole_peaks)
+    assert whole.dtype == np.float32 and (whole < 0.9).all()
+    expected_peak = np.where(free & (pseudo == 1), confidence, -np.inf).max(axis=(1, 2))
+    np.testing.assert_array_equal(whole_peaks[:, 1], expected_peak)
+
+
+def test_strokes_after_loading_do_not_reach_the_round(tiny_project, tiny_config):
+    project, _, labels = tiny_project
+    data = load_training_set(project, tiny_config())
+    project.annotate_slices(labels, [6])  # painted while the round trains
+    assert data.human_slices == [1, 4]
+    assert not data.weight[6].any() and not data.target[6].any()
+    assert data.weight[4].all()  # a human slice read after the stroke: the snapshot
+
+
+def test_sampler_batches_from_views(tiny_project, tiny_config):
+    project, _, _ = tiny_project
+    for mode in ("2d", "2.5d", "3d"):
+        config = tiny_config(mode=mode, patch_size=64 if mode == "3d" else 32)
+        sampler = TwoStreamSampler(load_training_set(project, config), config)
+        labelled, unlabelled = sampler.labelled(), sampler.unlabelled()
+        assert labelled.image.shape[0] == 1 and labelled.weight.sum() > 0
+        assert unlabelled.target is None and unlabelled.image.shape == labelled.image.shape
+
+
+def test_slice_array_rejects_what_it_cannot_index(tiny_project, tiny_config):
+    project, _, _ = tiny_project
+    data = load_training_set(project, tiny_config())
+    with pytest.raises(IndexError, match="out of range"):
+        data.image[8]
+    with pytest.raises(TypeError, match="an int, a slice or a list"):
+        data.image[data.weight[0] > 0]
