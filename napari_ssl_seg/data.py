@@ -177,6 +177,11 @@ class TrainingSet:
     norm: tuple[float, float]
     smoothing: tuple[float, float] = (0.0, 0.0)
 
+    def drop_cache(self) -> None:
+        """Forget the cached slices (prediction needs none); later reads refill the cache."""
+        for view in (self.image, self.target, self.weight):
+            view._cache.clear()
+
 
 def confident_pseudo_labels(
     pseudo: np.ndarray,
@@ -443,6 +448,10 @@ class _SliceCache:
             if i in self._slices:
                 self._slices.move_to_end(i)
         return [found[i] for i in indices]
+
+    def clear(self) -> None:
+        self._slices.clear()
+        self._bytes = 0
 
     def _put(self, i: int, item: tuple[np.ndarray, ...]) -> None:
         self._slices[i] = item

@@ -226,6 +226,7 @@ def train_round(
     trained_seconds = time.time() - train_started
 
     bias = calibrate_after_training(method, sampler, device)
+    data.drop_cache()  # the prediction's slabs take its place
     window = vote_window(config.vote, project)
     # What prediction did besides the network, kept so the round can be re-made exactly.
     prediction = {

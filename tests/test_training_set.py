@@ -119,3 +119,13 @@ def test_slice_array_rejects_what_it_cannot_index(tiny_project, tiny_config):
         data.image[8]
     with pytest.raises(TypeError, match="an int, a slice or a list"):
         data.image[data.weight[0] > 0]
+
+
+def test_dropping_the_cache_keeps_the_values(tiny_project, tiny_config):
+    project, _, _ = tiny_project
+    data = load_training_set(project, tiny_config())
+    image, weight = data.image[[1, 4]], data.weight[[1, 4]]
+    data.drop_cache()
+    assert data.image._cache._bytes == 0 and data.weight._cache._bytes == 0
+    np.testing.assert_array_equal(data.image[[1, 4]], image)
+    np.testing.assert_array_equal(data.weight[[1, 4]], weight)
