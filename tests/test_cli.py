@@ -165,14 +165,6 @@ def test_methods_lists_all(capsys):
         (["train", "{proj}", "--set", "iterations"], "KEY=VALUE"),
         (["train", "{proj}", "--set", "smoothing=-1"], "smoothing must be a number >= 0"),
         (["train", "{proj}", "--set", "smoothing=nan"], "smoothing must be a number >= 0"),
-        (
-            ["train", "{proj}", "--set", "noise_augmentation=loud"],
-            "noise_augmentation must be 'auto' or a number >= 0",
-        ),
-        (
-            ["train", "{proj}", "--set", "noise_augmentation=-0.1"],
-            "noise_augmentation must be 'auto' or a number >= 0",
-        ),
         (["train", "{proj}", "--method", "dtc", "--setting", "bogus=1"], "unknown setting"),
         (["correct", "{proj}", "--labels", "{labels}", "--slices", "2"], "no round to correct"),
         (["export", "{proj}", "--out", "{tmp}/x.png"], "png"),

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from napari_ssl_seg.config import AUTO_NOISE_STD, resolve_noise_augmentation
 from napari_ssl_seg.data import (
     TwoStreamSampler,
     confident_pseudo_labels,
-    image_noise,
     load_training_set,
     normalisation,
     normalise,
@@ -132,36 +129,3 @@ def test_dropping_the_cache_keeps_the_values(tiny_project, tiny_config):
     assert data.image._cache._bytes == 0 and data.weight._cache._bytes == 0
     np.testing.assert_array_equal(data.image[[1, 4]], image)
     np.testing.assert_array_equal(data.weight[[1, 4]], weight)
-
-
-def test_image_noise_reads_the_pixel_noise_std():
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[:128, :128]
-    ramp = (y + 2 * x)[None].repeat(4, 0).astype(np.float32) / 400  # signal it must ignore
-    for std in (0.01, 0.1):
-        noisy = ramp + rng.normal(0, std, ramp.shape).astype(np.float32)
-        assert image_noise(noisy, (0.0, 1.0)) == pytest.approx(std, rel=0.1)
-        assert image_noise(noisy, (0.0, 2.0)) == pytest.approx(std / 2, rel=0.1)
-
-
-def test_noise_augmentation_follows_the_image(tiny_project, tiny_config):
-    assert resolve_noise_augmentation("auto", 0.03) == AUTO_NOISE_STD
-    assert resolve_noise_augmentation("auto", 0.15) == 0.0
-    assert resolve_noise_augmentation(0.2, 0.15) == 0.2
-    project, _, _ = tiny_project
-    data = load_training_set(project, tiny_config())
-    # Noise of 40 grey values in ~1000, and the disks' sharp edges: too noisy for "auto".
-    assert data.noise > AUTO_NOISE_STD
-    for setting, expected in (("auto", 0.0), (0.0, 0.0), (0.3, 0.3)):
-        assert (
-            TwoStreamSampler(data, tiny_config(noise_augmentation=setting)).noise_std == expected
-        )
-
-    def roughness(setting) -> float:  # mean |neighbour difference| of 8 labelled crops
-        sampler = TwoStreamSampler(data, tiny_config(noise_augmentation=setting))
-        crops = torch.cat([sampler.labelled().image for _ in range(8)])
-        return float(torch.diff(crops, dim=-1).abs().mean())
-
-    assert roughness(0.3) > 1.5 * roughness(0.0)
-    record = run_round(project, tiny_config(noise_augmentation=0.3))
-    assert record["noise_augmentation"] == 0.3 and record["image_noise"] == round(data.noise, 4)
