@@ -32,8 +32,6 @@ AUTO_SUMMARY = (
 )
 #: Budget presets the widget offers (iterations of the default method); "quick", the
 #: widget's default, is TrainConfig's default round (the CLI's).
-#: Noise augmentation of "auto" (TrainConfig.noise_augmentation), normalised units.
-AUTO_NOISE_STD = 0.05
 PRESETS = {"quick": 180, "balanced": 400, "thorough": 1200}
 
 
@@ -90,11 +88,6 @@ class TrainConfig:
         off). In-plane it is this wide; along the slicing axis it is scaled by the voxel
         size, so a volume with thick slices is voted on in-plane only (see
         :func:`napari_ssl_seg.inference.majority_vote`).
-    noise_augmentation : float or "auto"
-        Largest std (in normalised intensity units) of the Gaussian noise added to 30 %
-        of the training crops; 0 = off. "auto" adds up to ``AUTO_NOISE_STD`` where the
-        image's own noise is below that, and none where the image is noisier
-        (:func:`resolve_noise_augmentation`).
     smoothing : float
         Sigma, in in-plane pixels, of a 3D Gaussian that smooths the normalised image
         before the network sees it (across slices the same physical extent where the
@@ -148,12 +141,6 @@ class TrainConfig:
     # denoised input it does not learn to make from 3 slices. 1.5 or in-plane 0.7 scored
     # lower (seeds 0/1); the forest on the same smoothing gains as much (README).
     smoothing: float = 1.0
-    # Noise on the crops of a clean image keeps a net trained on 3 slices from reading
-    # dim, blurred nucleus caps as nucleus: supervised, 3 slices, seeds 0-5, 2 cores,
-    # clean 0.9708 (worst 0.9552) -> 0.9734 (worst 0.9712); on the noisy variant it
-    # costs 0.9635 -> 0.9611, so "auto" leaves noisy images alone
-    # (benchmarks/results/augmentations-laptop2.md).
-    noise_augmentation: float | str = AUTO
     settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -177,16 +164,6 @@ class TrainConfig:
                 0.0 <= self.smoothing < float("inf"),
                 "smoothing",
                 "a number >= 0",
-            ),
-            (
-                self.noise_augmentation == AUTO
-                or (
-                    isinstance(self.noise_augmentation, int | float)
-                    and not isinstance(self.noise_augmentation, bool)
-                    and 0.0 <= self.noise_augmentation < float("inf")
-                ),
-                "noise_augmentation",
-                f"{AUTO!r} or a number >= 0",
             ),
             (
                 self.method != AUTO or not self.settings,
@@ -252,17 +229,3 @@ def resolve_method(config: TrainConfig, annotated_slices: int) -> tuple[TrainCon
         chosen = dataclasses.replace(config, method="supervised")
         why = f"{annotated_slices} annotated slices: supervised"
     return chosen, f"auto ({why})"
-
-
-def resolve_noise_augmentation(setting: float | str, image_noise: float) -> float:
-    """The noise std the training crops get, from the setting and the image's own noise.
-
-    ``"auto"``: ``AUTO_NOISE_STD`` where the image's noise (``image_noise``, the std of
-    its pixel noise in normalised units, :func:`napari_ssl_seg.data.image_noise`) is
-    below it, else 0: a noisy image already shows the network noise, and more only
-    hides the evidence it has (the noisy sample: 0.15; the clean one: 0.03).
-    A number is used as it is.
-    """
-    if setting == AUTO:
-        return AUTO_NOISE_STD if image_noise < AUTO_NOISE_STD else 0.0
-    return float(setting)

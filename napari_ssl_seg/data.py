@@ -17,7 +17,6 @@ import torch
 from monai.transforms import (
     Compose,
     RandFlipd,
-    RandGaussianNoised,
     RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -26,7 +25,7 @@ from monai.transforms import (
 )
 from scipy import ndimage as ndi
 
-from napari_ssl_seg.config import TrainConfig, resolve_noise_augmentation
+from napari_ssl_seg.config import TrainConfig
 from napari_ssl_seg.errors import InvalidInputError
 from napari_ssl_seg.methods.base import Batch
 from napari_ssl_seg.store import Project, iter_slabs
@@ -55,36 +54,6 @@ def normalise(block: np.ndarray, norm: tuple[float, float]) -> np.ndarray:
     """Map intensities so that the robust range becomes [0, 1] (float32)."""
     lo, hi = norm
     return ((np.asarray(block, np.float32) - lo) / (hi - lo)).astype(np.float32)
-
-
-#: Immerkaer's noise kernel: the difference of two Laplacians, blind to planes and ramps.
-_NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
-
-
-def image_noise(image, norm: tuple[float, float], axis: int = 0, *, slices: int = 8) -> float:
-    """Std of the pixel noise of ``image`` in normalised units (Immerkaer, 1996).
-
-    The median over up to ``slices`` slices spread through the volume (each at most
-    512 x 512 from its centre) of ``sqrt(pi / 2) / 6 * mean(|I * N|)``, with N the
-    3 x 3 kernel that cancels any locally linear signal. The sample reads 0.03, its
-    noisy variant 0.15.
-    """
-    n = image.shape[axis]
-    estimates = []
-    for i in np.unique(np.linspace(0, n - 1, min(n, slices)).round().astype(int)):
-        index: list = [slice(None)] * 3
-        index[axis] = int(i)
-        for a in range(3):
-            if a != axis:
-                size = image.shape[a]
-                start = max(0, (size - 512) // 2)
-                index[a] = slice(start, start + 512)
-        plane = normalise(image[tuple(index)], norm)
-        if min(plane.shape) < 3:
-            continue
-        response = ndi.convolve(plane, _NOISE_KERNEL)[1:-1, 1:-1]
-        estimates.append(np.sqrt(np.pi / 2) / 6 * float(np.abs(response).mean()))
-    return float(np.median(estimates)) if estimates else 0.0
 
 
 #: Gaussian kernels are cut at this many sigmas (scipy's default is 4; 3 keeps 99.7 %).
@@ -197,8 +166,6 @@ class TrainingSet:
     smoothing : (float, float)
         Gaussian sigmas (across slices, in-plane) ``image`` was smoothed with
         (:func:`smoothing_sigmas`); prediction smooths its input the same way.
-    noise : float
-        The unsmoothed normalised image's pixel noise (:func:`image_noise`).
     """
 
     image: SliceArray
@@ -209,7 +176,6 @@ class TrainingSet:
     num_classes: int
     norm: tuple[float, float]
     smoothing: tuple[float, float] = (0.0, 0.0)
-    noise: float = 0.0
 
     def drop_cache(self) -> None:
         """Forget the cached slices (prediction needs none); later reads refill the cache."""
@@ -448,7 +414,6 @@ def load_training_set(
         num_classes,
         norm,
         smoothing,
-        image_noise(project.image, norm, axis),
     )
 
 
@@ -590,13 +555,6 @@ class TwoStreamSampler:
                 RandShiftIntensityd("image", offsets=0.1, prob=0.5),
             ]
         )
-        #: Largest std of the noise added to 30 % of the crops (0 = none).
-        self.noise_std = resolve_noise_augmentation(config.noise_augmentation, data.noise)
-        if self.noise_std > 0:
-            self.transform.transforms = (
-                *self.transform.transforms,
-                RandGaussianNoised("image", prob=0.3, std=self.noise_std),
-            )
         self.transform.set_random_state(seed=config.seed)
 
     def _sample(self, index: int, labelled: bool) -> dict[str, np.ndarray]:
@@ -668,5 +626,4 @@ __all__ = [
     "smoothing_sigmas",
     "slice_stack",
     "in_channels",
-    "image_noise",
 ]

@@ -271,8 +271,6 @@ def train_round(
         "revision": revision,
         "num_classes": data.num_classes,
         "human_slices": data.human_slices,
-        "image_noise": round(data.noise, 4),
-        "noise_augmentation": sampler.noise_std,
         "metrics": {"final_losses": losses},
         "uncertain_slices": rank_slices(scores),
         "device": str(device),
