@@ -25,7 +25,12 @@ import torch
 from napari_ssl_seg.cli import _parse_value as parse_value
 from napari_ssl_seg.config import TrainConfig
 from napari_ssl_seg.data import TwoStreamSampler, load_training_set, slice_stack
-from napari_ssl_seg.engine import build_method, calibrate_after_training, seed_everything
+from napari_ssl_seg.engine import (
+    build_method,
+    calibrate_after_training,
+    seed_everything,
+    vote_window,
+)
 from napari_ssl_seg.inference import adjust_background, predict_probabilities, vote_volume
 from napari_ssl_seg.metrics import dice
 from napari_ssl_seg.store import Project
@@ -48,6 +53,12 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noisy", action="store_true")
+    parser.add_argument(
+        "--voxel-size",
+        action="store_true",
+        help="give the project the sample's voxel size (as the demo does; smoothing and "
+        "vote then scale across slices)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-recalibrate", action="store_true")
     parser.add_argument("--set", action="append", default=[], help="TrainConfig key=value")
@@ -61,7 +72,7 @@ def main(argv=None) -> None:
     from napari_ssl_seg._sample_data import quickstart_slices
 
     torch.set_num_threads(args.threads)
-    image, truth, _ = load_sample(args.noisy, args.seed)
+    image, truth, voxel_size = load_sample(args.noisy, args.seed)
     slices = quickstart_slices(args.slices)
     values = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
     settings = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.setting)}
@@ -75,7 +86,9 @@ def main(argv=None) -> None:
     )
     seed_everything(config.seed)
     tmp = tempfile.TemporaryDirectory()  # the training set reads slices from the project
-    project = Project.create(f"{tmp.name}/p.zarr", image)
+    project = Project.create(
+        f"{tmp.name}/p.zarr", image, voxel_size=voxel_size if args.voxel_size else None
+    )
     project.annotate_slices(truth, slices)
     data = load_training_set(project, config)
     device = torch.device(args.device)
@@ -120,7 +133,7 @@ def main(argv=None) -> None:
             predict_seconds = time.perf_counter() - t1
             d = dice(pred[unannotated], truth[unannotated])
             d_bias = dice(pred_bias[unannotated], truth[unannotated])
-            window = (config.vote,) * 3
+            window = vote_window(config.vote, project)
             voted = vote_volume(pred_bias, window, num_classes=data.num_classes)
             d_vote = dice(voted[unannotated], truth[unannotated])
             curve.append(
