@@ -161,9 +161,10 @@ def calibrate_background_bias(
 
     Parameters
     ----------
-    image : (S, H, W) float32 ndarray
-        Normalised volume, slice axis first.
-    target, weight : (S, H, W) ndarrays
+    image : (S, H, W) float32 ndarray or :class:`~napari_ssl_seg.data.SliceArray`
+        Normalised volume, slice axis first (only ``slices`` and, in 2.5D, their
+        neighbours are read).
+    target, weight : (S, H, W) ndarrays or SliceArrays
         Labels and loss weights (1 = human voxel) of :class:`~napari_ssl_seg.data.TrainingSet`.
     slices : list of int
         Slices holding human voxels.
