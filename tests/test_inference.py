@@ -51,6 +51,37 @@ def test_calibrated_bias_never_scores_worse_than_none(tiny_config):
     assert human_dice(bias) >= human_dice(0.0) - 1e-9
 
 
+def test_calibration_is_the_same_one_slice_at_a_time(tiny_config, monkeypatch):
+    """Many corrected slices go through the network in batches of one tile's worth of
+    voxels; the counts summed over batches give the bias of all slices at once."""
+    from conftest import disks_volume
+
+    import napari_ssl_seg.inference as inference
+
+    image, labels = disks_volume()
+    method = _method(tiny_config)
+    x = ((image - image.min()) / np.ptp(image)).astype(np.float32)
+    weight = np.ones(labels.shape, np.float32)
+    # The untrained net's fg - bg log-odds are 0.362-0.372 on every voxel: biases in that
+    # range split the voxels, so each one scores differently.
+    grid = np.round(np.linspace(0.36, 0.375, 61), 5)
+
+    def fitted(slices, voxels_per_batch):
+        monkeypatch.setattr(inference, "VOXELS_PER_BATCH", voxels_per_batch)
+        return calibrate_background_bias(
+            method, x, labels.astype(np.int64), weight, slices,
+            mode="2d", device=torch.device("cpu"), grid=grid,
+        )  # fmt: skip
+
+    one_slice = int(np.prod(labels.shape[1:]))
+    assert fitted([3, 4, 2], one_slice) == fitted([3, 4, 2], 10**9)
+    # Slice 1 holds no nucleus: fitted on it alone the answer is "no bias" (0, not in
+    # the grid), so a bias from the grid shows that slice 2's counts were kept.
+    assert not labels[1].any() and labels[2].any()
+    bias = fitted([2, 1], one_slice)
+    assert bias in grid and bias == fitted([2, 1], 10**9)
+
+
 def test_no_foreground_means_no_bias(tiny_config):
     method = _method(tiny_config)
     x = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
