@@ -200,6 +200,7 @@ class SslSegWidget(WidgetLayout, QWidget):
             check_image=own is None or Path(own) != Path(path),
             labels=None if labels is None else labels.data,
             slices=None if labels is None else labels.metadata.get(ANNOTATED_SLICES_KEY),
+            axis=self.axis_combo.currentIndex(),
             _progress={"desc": "napari-ssl-seg: opening the project"},
             _ignore_errors=True,  # errored is handled: a message in the widget
         )
@@ -238,6 +239,8 @@ class SslSegWidget(WidgetLayout, QWidget):
         self.session = opened.session
         self.image_layer = image
         self.path_edit.setText(str(project.path))
+        self.axis_combo.setCurrentIndex(project.axis)
+        self._slide_along(project.axis)
         self.settings = ann.load_settings(project.path)
         self._apply_settings()
         self._attach_annotation_layer(labels, image, opened.annotations)
@@ -254,7 +257,7 @@ class SslSegWidget(WidgetLayout, QWidget):
         )
         self.project_label.setText(
             f"{project.path.name}: {' × '.join(map(str, project.shape))}, "
-            f"{project.latest_round} round(s)"
+            f"slices along axis {project.axis}, {project.latest_round} round(s)"
         )
         return self._message(f"{what} {project.path}{extra}.")
 
@@ -426,6 +429,17 @@ class SslSegWidget(WidgetLayout, QWidget):
         i = round((self.viewer.dims.point[world] - translate) / scale)
         n = self.project.n_slices if self.project is not None else 1
         return int(min(max(i, 0), n - 1))
+
+    def _slide_along(self, axis: int) -> None:
+        """Show planes across the project axis in 2D, so the slider moves slice by slice
+        (what painting, marking and the uncertain-slice list assume)."""
+        dims = self.viewer.dims
+        world = dims.ndim - 3 + axis
+        if dims.ndisplay == 2 and dims.order[-3] != world:
+            lead = [d for d in dims.order if d < dims.ndim - 3]
+            planes = [dims.ndim - 3 + a for a in range(3) if a != axis]
+            dims.order = (*lead, world, *planes)
+            self.viewer.reset_view()  # the new plane has another extent: fit it
 
     def go_to_slice(self, i: int) -> None:
         axis = self.project.axis
@@ -632,6 +646,7 @@ class SslSegWidget(WidgetLayout, QWidget):
         self.train_button.setEnabled(has_project and not busy and self._opening is None)
         self.stop_button.setEnabled(busy)
         self.open_button.setEnabled(not busy and self._opening is None)
+        self.axis_combo.setEnabled(not busy and self._opening is None)
         for w in (self.mark_button, self.next_button, self.export_button):
             w.setEnabled(has_project)
         self.accept_button.setEnabled(has_project and self.round > 0)

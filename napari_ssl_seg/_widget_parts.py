@@ -122,9 +122,17 @@ class WidgetLayout:
         self.open_button = QPushButton(
             "Open / create project", clicked=lambda: self.open_project()
         )
+        self.axis_combo = combo()
+        self.axis_combo.addItems(AXIS_CHOICES)
+        self.axis_combo.setToolTip(
+            "The axis a new project is sliced along: you annotate, train and review "
+            "planes across it (the viewer's slider moves along it). An existing project "
+            "keeps the axis it was made with."
+        )
         self.project_label = wrapping_label("No project open.")
         form.addRow("Image", self.image_combo)
         form.addRow("Annotations", self.labels_combo)
+        form.addRow("Slice axis", self.axis_combo)
         form.addRow("Project", row)
         form.addRow(self.open_button)
         form.addRow(self.project_label)
@@ -283,6 +291,10 @@ def watch_history(layer, on_item) -> None:
 
 
 # ================================================================ small Qt helpers
+#: Slice-axis choices of a new project, by index (the volume's axes 0, 1, 2).
+AXIS_CHOICES = ("0 (Z: planes Y-X)", "1 (Y: planes Z-X)", "2 (X: planes Z-Y)")
+
+
 def combo() -> QComboBox:
     combo = QComboBox()
     # Shrink with the dock instead of growing to the longest entry.

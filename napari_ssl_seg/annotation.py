@@ -128,6 +128,7 @@ def open_or_create(
     voxel_size: Sequence[float] | None = None,
     source: str = "",
     check_image: bool = True,
+    axis: int = 0,
 ) -> tuple[Project, bool]:
     """Open the project at ``path``, or create it for ``image``; returns ``(project, created)``.
 
@@ -136,6 +137,8 @@ def open_or_create(
     image : (Z, Y, X) array-like
         The volume. An existing project must have been made for it (same signature)
         unless ``check_image`` is False (the image *is* the project's own array).
+    axis : {0, 1, 2}
+        The slice axis of a new project; an existing project keeps its own.
 
     Raises
     ------
@@ -145,7 +148,7 @@ def open_or_create(
     path = Path(path)
     if path.exists():
         return Project.open(path, image=image if check_image else None), False
-    return Project.create(path, image, voxel_size=voxel_size, source=source), True
+    return Project.create(path, image, axis=axis, voxel_size=voxel_size, source=source), True
 
 
 def import_annotations(
@@ -581,6 +584,7 @@ def open_project_state(
     check_image: bool = True,
     labels=None,
     slices: Iterable[int] | None = None,
+    axis: int = 0,
 ) -> OpenedProject:
     """Everything opening a project in the widget needs, read off the GUI thread.
 
@@ -596,6 +600,8 @@ def open_project_state(
     labels : (Z, Y, X) integer array, optional
     slices : iterable of int, optional
         The slices of ``labels`` that count as annotated (default: those holding labels).
+    axis : {0, 1, 2}
+        The slice axis of a new project (:func:`open_or_create`).
 
     Returns
     -------
@@ -604,7 +610,7 @@ def open_project_state(
         ``merged`` the latest round's merged labels, or None before any round.
     """
     project, created = open_or_create(
-        path, image, voxel_size=voxel_size, source=source, check_image=check_image
+        path, image, voxel_size=voxel_size, source=source, check_image=check_image, axis=axis
     )
     imported = [] if labels is None else import_annotations(project, labels, slices=slices)
     annotations = np.asarray(project.annotations[...])

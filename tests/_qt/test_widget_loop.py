@@ -205,6 +205,43 @@ def test_open_project_runs_in_a_worker(make_napari_viewer, qtbot, tmp_path, tif,
     widget.close()
 
 
+def test_new_project_along_another_axis(make_napari_viewer, qtbot, tmp_path, tif, crop):
+    """A project sliced along Y: the slider moves along Y, strokes annotate Y slices, and
+    reopening keeps the project's axis whatever the form says."""
+    _, truth = crop
+    y = int(np.flatnonzero(truth.any(axis=(0, 2)))[10])  # a Y plane that cuts nuclei
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, tif)
+    widget.axis_combo.setCurrentIndex(1)
+    assert widget.open_project(wait=True)
+    project = widget.project
+    assert project.axis == 1 and project.n_slices == truth.shape[1]
+    assert viewer.dims.order[0] == 1 and tuple(viewer.dims.displayed) == (0, 2)
+    assert "slices along axis 1" in widget.project_label.text()
+    widget.go_to_slice(y)
+    assert widget.current_slice() == y
+
+    zz, xx = np.nonzero(truth[:, y, :])
+    widget.annotation_layer.data_setitem((zz, np.full(zz.size, y), xx), 1)
+    qtbot.waitUntil(lambda: widget.is_saved, timeout=5000)
+    assert project.annotated_slices() == [y]
+    np.testing.assert_array_equal(project.annotations[:, y, :], truth[:, y, :])
+    widget.go_to_slice(3)  # no nucleus there: marked as annotated background
+    widget.toggle_slice_mark()
+    assert project.annotated_slices() == [3, y]
+    path = project.path
+    widget.close()
+
+    viewer.dims.order = (0, 1, 2)
+    again = open_widget(viewer)
+    again.axis_combo.setCurrentIndex(2)
+    again.path_edit.setText(str(path))
+    assert again.open_project(wait=True)
+    assert again.project.axis == 1 and again.axis_combo.currentIndex() == 1
+    assert viewer.dims.order[0] == 1 and again.project.annotated_slices() == [3, y]
+    again.close()
+
+
 def test_messages(make_napari_viewer, qtbot, tmp_path, tif, crop):
     viewer = make_napari_viewer()
     viewer.open(tif, plugin="napari-ssl-seg")
