@@ -1,0 +1,154 @@
+"""Peak memory of a retrain round on a large project, per phase of ``train_round``.
+
+The ``retrain`` step of ``big_volume_memory.py`` needs a predicted round 1 first (about
+7 s per 2048^2 slice on 2 cores, half an hour at 256 slices). This script writes round 1
+directly instead: its pseudo-labels are the mirrored sample's truth, its confidences
+0.97 on background and 0.8 on nuclei (so the class-balanced selection has work to do).
+Then two slices are annotated and round 2 runs as the engine runs it (load the training
+set, train, calibrate) up to its first predicted slab. A thread samples the resident
+memory every few milliseconds and keeps the peak of each phase.
+
+    python benchmarks/retrain_memory.py --shape 256,2048,2048 --cores 0,1 --tag laptop2
+
+needs about 6 GB of disk (``--workdir``, removed at the end). Writes
+``benchmarks/results/retrain-memory-<tag>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from _common import command_line, machine_info, machine_markdown, pin_to, write_results
+from big_volume_memory import SLAB, check_slices, mirrored_sample, write_volume
+
+
+def resident_mb() -> float:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+class PhasePeaks:
+    """Resident-memory peak per phase, sampled by a daemon thread."""
+
+    def __init__(self, interval_s: float = 0.003) -> None:
+        self.phase = "setup"
+        self.peaks: dict[str, float] = {}
+        self._interval = interval_s
+        threading.Thread(target=self._run, daemon=True, name="phase peaks").start()
+
+    def _run(self) -> None:
+        while True:
+            mb, phase = resident_mb(), self.phase
+            self.peaks[phase] = max(self.peaks.get(phase, 0.0), mb)
+            time.sleep(self._interval)
+
+
+def make_project(workdir: Path, shape: Sequence[int]):
+    """The big project with round 1 written from the truth and 2 annotated slices."""
+    from napari_ssl_seg.config import TrainConfig
+    from napari_ssl_seg.store import Project
+
+    project = Project.create(workdir / "big.zarr", write_volume(workdir / "image.zarr", shape))
+    writer = project.begin_round()
+    for z0 in range(0, shape[0], SLAB):
+        z1 = min(z0 + SLAB, shape[0])
+        truth = mirrored_sample(z0, z1, shape)[1].astype(np.uint16)
+        confidence = np.where(truth > 0, 0.8, 0.97).astype(np.float32)
+        writer.write((slice(z0, z1), slice(None), slice(None)), truth, confidence)
+    record = {
+        "method": "supervised",
+        "config": TrainConfig(method="supervised").to_dict(),
+        "norm": [0.0, 1.0],
+        "uncertain_slices": [],
+        "seconds": 0.0,
+        "source": "benchmark: round 1 written from the mirrored truth",
+    }
+    writer.commit(record, b"no weights: written by benchmarks/retrain_memory.py")
+    annotated = check_slices(shape[0], count=2) or [0, shape[0] // 2]
+    for z in annotated:
+        region = (slice(z, z + 1), slice(0, shape[1]), slice(0, shape[2]))
+        truth = mirrored_sample(z, z + 1, shape)[1]
+        project.apply_edit("annotation", region, truth, source="benchmark", whole_slices=True)
+    return project, annotated
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="256,2048,2048", help="Z,Y,X")
+    parser.add_argument("--iterations", type=int, default=None, help="default: TrainConfig's")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cores", default=None, help="pin to these cores, e.g. 0,1")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--tag", default="local")
+    args = parser.parse_args(argv)
+    shape = tuple(int(s) for s in args.shape.split(","))
+    if len(shape) != 3 or min(shape) < 1:
+        parser.error(f"--shape needs three positive sizes Z,Y,X, got {args.shape!r}")
+    cores = [int(c) for c in args.cores.split(",")] if args.cores else []
+    pin_to(cores, args.threads)
+
+    import torch
+
+    from napari_ssl_seg.config import TrainConfig
+    from napari_ssl_seg.engine import train_round
+
+    torch.set_num_threads(args.threads)
+    info = machine_info("cpu")
+    peaks = PhasePeaks()
+    workdir = Path(tempfile.mkdtemp(prefix="retrain-memory-", dir=args.workdir))
+    try:
+        project, annotated = make_project(workdir, shape)
+        values = {"iterations": args.iterations} if args.iterations else {}
+        config = TrainConfig(method="supervised", threads=args.threads, **values)
+        started, phase_started = time.perf_counter(), {}
+        gen = train_round(project, config)
+        for report in gen:
+            peaks.phase = report["phase"]
+            phase_started.setdefault(report["phase"], round(time.perf_counter() - started, 1))
+            if report["phase"] == "predict":
+                gen.close()
+                break
+        peaks.phase = "end"
+        time.sleep(0.05)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result = {
+        "command": command_line(),
+        "machine": info,
+        "arguments": vars(args),
+        "annotated": annotated,
+        "iterations": config.iterations,
+        "phase_started_s": phase_started,
+        "phase_peak_mb": {k: round(v, 1) for k, v in peaks.peaks.items() if k != "end"},
+        "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, 1),
+    }
+    rows = "\n".join(f"| {k} | {v:.0f} |" for k, v in result["phase_peak_mb"].items())
+    markdown = (
+        "# Peak memory of a retrain round on a large project\n\n"
+        + machine_markdown(info, result["command"])
+        + f"\nVolume (Z, Y, X) = {' x '.join(map(str, shape))}, slice axis 0; round 1 "
+        "written from the truth, human slices "
+        f"{annotated}; `supervised`, {config.iterations} iterations, {args.threads} torch "
+        f"threads. Phases started at {phase_started} s (setup = making the project).\n\n"
+        "| phase | peak resident MB |\n|---|---|\n"
+        + rows
+        + f"\n\nProcess maximum (ru_maxrss): {result['ru_maxrss_mb']:.0f} MB.\n"
+    )
+    paths = write_results("retrain-memory", args.tag, result, markdown)
+    print(markdown)
+    print("wrote", *paths, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
