@@ -35,7 +35,7 @@ import time
 import traceback
 from pathlib import Path
 
-from napari_ssl_seg.config import TrainConfig
+from napari_ssl_seg.config import TrainConfig, prefer_sleeping_openmp_threads
 
 __all__ = ["TrainingJob", "default_threads", "error_summary"]
 
@@ -241,8 +241,10 @@ def _child_main(path, config_dict, threads, niceness, stop_event, queue) -> None
     try:
         if niceness and hasattr(os, "nice"):
             os.nice(niceness)
-        # Before torch loads, so that OpenMP sizes its pool to the same number.
+        # Before torch loads, so that OpenMP sizes its pool to the same number, and its
+        # idle threads sleep (a CLI run on the same cores would crawl beside spinners).
         os.environ["OMP_NUM_THREADS"] = str(threads)
+        prefer_sleeping_openmp_threads()
         import torch
 
         from napari_ssl_seg.engine import train_round
