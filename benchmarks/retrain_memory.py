@@ -17,7 +17,6 @@ needs about 6 GB of disk (``--workdir``, removed at the end). Writes
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import shutil
 import sys
@@ -30,11 +29,7 @@ from pathlib import Path
 import numpy as np
 from _common import command_line, machine_info, machine_markdown, pin_to, write_results
 from big_volume_memory import SLAB, check_slices, mirrored_sample, write_volume
-
-
-def resident_mb() -> float:
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+from big_volume_memory import _current_rss_mb as resident_mb
 
 
 class PhasePeaks:

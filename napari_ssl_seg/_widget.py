@@ -423,28 +423,32 @@ class SslSegWidget(WidgetLayout, QWidget):
         """Index of the displayed slice along the project axis."""
         axis = self.project.axis if self.project is not None else 0
         layer = self.image_layer or self.image_layer_choice()
-        world = self.viewer.dims.ndim - 3 + axis
+        world = self._world_axis(axis)
         scale = layer.scale[axis] if layer is not None else 1.0
         translate = layer.translate[axis] if layer is not None else 0.0
         i = round((self.viewer.dims.point[world] - translate) / scale)
         n = self.project.n_slices if self.project is not None else 1
         return int(min(max(i, 0), n - 1))
 
+    def _world_axis(self, axis: int) -> int:
+        """The viewer dimension of the volume's ``axis`` (the volume's 3 axes come last)."""
+        return self.viewer.dims.ndim - 3 + axis
+
     def _slide_along(self, axis: int) -> None:
         """Show planes across the project axis in 2D, so the slider moves slice by slice
         (what painting, marking and the uncertain-slice list assume)."""
         dims = self.viewer.dims
-        world = dims.ndim - 3 + axis
+        world = self._world_axis(axis)
         if dims.ndisplay == 2 and dims.order[-3] != world:
-            lead = [d for d in dims.order if d < dims.ndim - 3]
-            planes = [dims.ndim - 3 + a for a in range(3) if a != axis]
+            lead = [d for d in dims.order if d < self._world_axis(0)]
+            planes = [self._world_axis(a) for a in range(3) if a != axis]
             dims.order = (*lead, world, *planes)
             self.viewer.reset_view()  # the new plane has another extent: fit it
 
     def go_to_slice(self, i: int) -> None:
         axis = self.project.axis
         layer = self.image_layer
-        world = self.viewer.dims.ndim - 3 + axis
+        world = self._world_axis(axis)
         self.viewer.dims.set_point(world, layer.translate[axis] + int(i) * layer.scale[axis])
 
     def toggle_slice_mark(self, i: int | None = None) -> None:

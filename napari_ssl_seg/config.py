@@ -8,7 +8,6 @@ saved in every checkpoint and round record.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -230,17 +229,3 @@ def resolve_method(config: TrainConfig, annotated_slices: int) -> tuple[TrainCon
         chosen = dataclasses.replace(config, method="supervised")
         why = f"{annotated_slices} annotated slices: supervised"
     return chosen, f"auto ({why})"
-
-
-def prefer_sleeping_openmp_threads() -> None:
-    """Let torch's idle OpenMP threads sleep instead of spinning, unless the user chose.
-
-    Sets ``OMP_WAIT_POLICY=PASSIVE`` when it is unset; it only takes effect when called
-    before torch is imported. Spinning threads make two torch processes on the same cores
-    (a CLI round while the widget's child trains) fight for them. Measured on 2 cores
-    (two 90-iteration ``tune_defaults.py`` runs side by side, 2 threads each): 381 s each
-    with the default policy, 33 s each with PASSIVE, the same Dice. Alone, a 180-iteration
-    run trained in 16.1-17.2 s against 14.9-16.6 s (maybe ~5 % slower, within the noise),
-    so only the widget's background child uses it; the CLI keeps OpenMP's default.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
