@@ -164,7 +164,9 @@ def step_train(job: dict) -> dict:
     annotated = [crop[0] // 4, (3 * crop[0]) // 4][: job["annotated"]]
     project.annotate_slices(truth, annotated, source="benchmark")
     values = {"iterations": job["iterations"]} if job["iterations"] else {}
-    config = TrainConfig(device=job["device"], threads=job["threads"], **values)
+    config = TrainConfig(
+        device=job["device"], threads=job["threads"], mode=job.get("mode", "2d"), **values
+    )
     record = run_round(project, config)
     return {
         "method": record["method"],
@@ -252,7 +254,11 @@ def step_retrain(job: dict) -> dict:
         project.apply_edit("annotation", region, truth, source="benchmark", whole_slices=True)
     values = {"iterations": job["iterations"]} if job["iterations"] else {}
     config = TrainConfig(
-        method="supervised", device=job["device"], threads=job["threads"], **values
+        method="supervised",
+        device=job["device"],
+        threads=job["threads"],
+        mode=job.get("mode", "2d"),
+        **values,
     )
     started = time.perf_counter()
     phases: dict[str, float] = {}
@@ -365,7 +371,7 @@ def report(steps: dict, args, info: dict) -> str:
     train, gib = steps["train"], np.prod(args.shape) * 2 / 2**30
     setup = (
         f"Volume (Z, Y, X) = {shape} uint16 ({gib:.2f} GiB), slice axis 0; model: "
-        f"{train['method']} after {train['iterations']} iterations on a "
+        f"{train['method']} ({args.mode}) after {train['iterations']} iterations on a "
         f"{' x '.join(map(str, train['train_crop']))} crop; {p['torch_threads']} torch threads. "
         "Peak MB is each step's process maximum resident memory; baseline = imports only.\n"
     )
@@ -410,6 +416,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=2,
         help="annotated slices of the training round (1: auto trains diffusion)",
     )
+    parser.add_argument(
+        "--mode",
+        choices=("2d", "2.5d", "3d"),
+        default="2d",
+        help="TrainConfig.mode of both rounds",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--cores", help="pin every step to these cores, e.g. 0,1")
     parser.add_argument("--device", default="cpu")
@@ -433,6 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "shape": args.shape,
         "iterations": args.iterations,
         "annotated": args.annotated,
+        "mode": args.mode,
         "threads": args.threads,
         "device": args.device,
     }

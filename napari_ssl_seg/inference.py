@@ -27,6 +27,11 @@ TILE = 512
 #: peaked at 1293 / 1339 MB against 710 / 722 MB with one tile's worth, and predicted
 #: the sample no slower (4.3 s vs 4.7 s for 60 x 256^2).
 VOXELS_PER_BATCH = TILE * TILE
+#: 3D mode: voxels of one predicted slab of slices (its labels and confidence take 6 bytes
+#: a voxel). A volume this small (the 60 x 256 x 256 sample) is predicted in one piece.
+VOXELS_PER_3D_SLAB = 2**24
+#: 3D mode: voxels of context a block reads beyond those it predicts, on every side.
+HALO_3D = 16
 
 
 def _pad_to(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -291,32 +296,89 @@ def _predicted_slabs(
     ``labels`` is (stop - start, H, W) uint16 (the argmax), ``confidence`` the same shape
     float32 (the max class probability); slice axis first.
     """
+    if mode == "3d":
+        yield from _predicted_slabs_3d(
+            project, method, norm=norm, device=device, smoothing=smoothing
+        )
+        return
     axis, n = project.axis, project.n_slices
     # Slices per batch so a batch holds about ``voxels_per_batch`` voxels: host memory stays
     # flat from 256^2 to 2048^2 slices (slices above TILE go one at a time, tiled).
     plane = int(np.prod(project.shape)) // n
-    per_batch = n if mode == "3d" else max(1, min(32, voxels_per_batch // plane))
+    per_batch = max(1, min(32, voxels_per_batch // plane))
+    # One neighbour each side for 2.5D input (none in 2D: a 2048^2 slice's neighbours are
+    # 32 MB of float32), and the smoothing's halo beyond it.
+    context = 1 if mode == "2.5d" else 0
+    halo = smoothing_halo(smoothing)
     for start, stop in _slabs(n, per_batch):
-        if mode == "3d":
-            vol = np.moveaxis(normalise(project.image[...], norm), axis, 0)
-            x = torch.from_numpy(smooth(vol, smoothing))[None, None]
-            probs = predict_probabilities(method, x.to(device), tile=96)[0]
-        else:
-            # One neighbour each side for 2.5D input (none in 2D: a 2048^2 slice's
-            # neighbours are 32 MB of float32), and the smoothing's halo beyond it.
-            context = 1 if mode == "2.5d" else 0
-            halo = smoothing_halo(smoothing)
-            lo, hi = max(0, start - context), min(n, stop + context)
-            read_lo, read_hi = max(0, lo - halo), min(n, hi + halo)
-            block = np.moveaxis(
-                normalise(project.image[_along(axis, read_lo, read_hi)], norm), axis, 0
-            )
-            block = smooth(block, smoothing, slice(lo - read_lo, hi - read_lo))
-            x = torch.from_numpy(slice_stack(block, np.arange(start - lo, stop - lo), mode))
-            probs = adjust_background(predict_probabilities(method, x.to(device)), background_bias)
-            probs = probs.movedim(1, 0)
-        probs = probs.cpu().numpy()  # (K, slices, H, W)
+        lo, hi = max(0, start - context), min(n, stop + context)
+        read_lo, read_hi = max(0, lo - halo), min(n, hi + halo)
+        block = np.moveaxis(
+            normalise(project.image[_along(axis, read_lo, read_hi)], norm), axis, 0
+        )
+        block = smooth(block, smoothing, slice(lo - read_lo, hi - read_lo))
+        x = torch.from_numpy(slice_stack(block, np.arange(start - lo, stop - lo), mode))
+        probs = adjust_background(predict_probabilities(method, x.to(device)), background_bias)
+        probs = probs.movedim(1, 0).cpu().numpy()  # (K, slices, H, W)
         yield start, stop, probs.argmax(0).astype(np.uint16), probs.max(0).astype(np.float32)
+
+
+def _predicted_slabs_3d(
+    project: Project,
+    method: SSLMethod,
+    *,
+    norm: tuple[float, float],
+    device: torch.device,
+    smoothing: tuple[float, float],
+    voxels_per_slab: int | None = None,
+    halo: int | None = None,
+) -> Iterator[Slab]:
+    """3D-mode ``(start, stop, labels, confidence)`` slabs, predicted block by block.
+
+    A volume of at most ``voxels_per_slab`` (default :data:`VOXELS_PER_3D_SLAB`) voxels
+    goes through MONAI's sliding window whole. A larger one is cut into slabs of slices
+    holding about that many voxels, and each slab in-plane into tiles of at most
+    :data:`TILE`; every such block is read with ``halo`` (default :data:`HALO_3D`) voxels
+    of context on each side (clipped at the volume's edges) plus the smoothing's halo,
+    smoothed, predicted by the sliding window and cropped back. Memory then holds one
+    block's input and probabilities and one slab's labels and confidence whatever the
+    volume's size (whole, the probabilities alone take 4 bytes a voxel per class).
+    """
+    voxels_per_slab = VOXELS_PER_3D_SLAB if voxels_per_slab is None else voxels_per_slab
+    halo = HALO_3D if halo is None else halo
+    axis, n = project.axis, project.n_slices
+    sizes = (n, *(s for i, s in enumerate(project.shape) if i != axis))  # slice axis first
+    plane = sizes[1] * sizes[2]
+    if n * plane <= voxels_per_slab:
+        vol = np.moveaxis(normalise(project.image[...], norm), axis, 0)
+        x = torch.from_numpy(smooth(vol, smoothing))[None, None]
+        probs = predict_probabilities(method, x.to(device), tile=96)[0].cpu().numpy()
+        yield 0, n, probs.argmax(0).astype(np.uint16), probs.max(0).astype(np.float32)
+        return
+    # Beyond the context, the smoothing's own halo (across slices, in-plane): every voxel
+    # the network sees is then the whole volume's smoothed voxel.
+    reach = (
+        halo + smoothing_halo(smoothing),
+        *[halo + smoothing_halo((smoothing[1], 0.0))] * 2,
+    )
+    for start, stop in _slabs(n, max(1, voxels_per_slab // plane)):
+        labels = np.empty((stop - start, *sizes[1:]), np.uint16)
+        confidence = np.empty((stop - start, *sizes[1:]), np.float32)
+        for rows in _slabs(sizes[1], TILE):
+            for cols in _slabs(sizes[2], TILE):
+                out = ((start, stop), rows, cols)  # (first, stop) per axis, slice axis first
+                context = _grown(out, (halo,) * 3, sizes)
+                read = _grown(out, reach, sizes)
+                index = [slice(*read[1]), slice(*read[2])]
+                index.insert(axis, slice(*read[0]))  # the project's axis order
+                block = np.moveaxis(normalise(project.image[tuple(index)], norm), axis, 0)
+                block = smooth(block, smoothing)[_within(context, read)]
+                x = torch.from_numpy(np.ascontiguousarray(block))[None, None]
+                probs = predict_probabilities(method, x.to(device), tile=96)[0].cpu().numpy()
+                probs = probs[(slice(None), *_within(out, context))]
+                labels[:, slice(*rows), slice(*cols)] = probs.argmax(0)
+                confidence[:, slice(*rows), slice(*cols)] = probs.max(0)
+        yield start, stop, labels, confidence
 
 
 def vote_volume(labels: np.ndarray, window: tuple[int, int, int], *, num_classes: int):
@@ -398,6 +460,16 @@ def majority_vote(
 def _slabs(n: int, size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n, size):
         yield start, min(start + size, n)
+
+
+def _grown(ranges, by, sizes) -> list[tuple[int, int]]:
+    """``(first, stop)`` ranges grown by ``by`` on each side, clipped to ``[0, size)``."""
+    return [(max(0, a - b), min(s, z + b)) for (a, z), b, s in zip(ranges, by, sizes, strict=True)]
+
+
+def _within(inner, outer) -> tuple[slice, ...]:
+    """Slices that cut the ``inner`` ranges out of an array covering the ``outer`` ones."""
+    return tuple(slice(a - o, z - o) for (a, z), (o, _) in zip(inner, outer, strict=True))
 
 
 def _along(axis: int, start: int, stop: int) -> tuple[slice, ...]:

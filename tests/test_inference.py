@@ -14,6 +14,7 @@ from napari_ssl_seg.inference import (
     rank_slices,
     recalibrate_batchnorm,
 )
+from napari_ssl_seg.methods import NetworkConfig, SSLMethod
 
 
 def _method(tiny_config, **kw):
@@ -239,3 +240,92 @@ def test_smoothed_prediction_streams_like_the_whole_volume(tmp_path, tiny_config
     whole_volume = predict(9 * 32 * 32, (1.3, 0.8))
     assert np.allclose(one_slice_at_a_time, whole_volume, atol=1e-5)
     assert not np.array_equal(whole_volume, predict(9 * 32 * 32, (0.0, 0.0)))  # it smoothed
+
+
+class _VoxelwiseMethod(SSLMethod):
+    """A 3D 'network' that looks at each voxel alone (a 1 x 1 x 1 convolution).
+
+    With no receptive field, predicting a volume block by block must give exactly what
+    predicting it whole gives, whatever the blocks' context: any difference is a
+    bookkeeping error (a block read, smoothed or cropped at the wrong place).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            in_channels=1,
+            num_classes=2,
+            spatial_dims=3,
+            total_iterations=1,
+            network=NetworkConfig(),
+            settings=None,
+        )
+        self.conv = torch.nn.Conv3d(1, 2, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([-8.0, 8.0]).view(2, 1, 1, 1, 1))
+            self.conv.bias.copy_(torch.tensor([4.0, -4.0]))
+
+    def predict(self, image: torch.Tensor) -> torch.Tensor:
+        return self.conv(image).softmax(1)
+
+
+def _slabs_3d(project, method, **kw):
+    from napari_ssl_seg.inference import _predicted_slabs_3d
+
+    image = np.asarray(project.image[...])
+    slabs = list(
+        _predicted_slabs_3d(
+            project,
+            method,
+            norm=(float(image.min()), float(image.max())),
+            device=torch.device("cpu"),
+            smoothing=(1.3, 0.8),
+            **kw,
+        )
+    )
+    starts = [s[0] for s in slabs]
+    assert starts == sorted(starts) and slabs[-1][1] == project.n_slices
+    return slabs, np.concatenate([s[2] for s in slabs]), np.concatenate([s[3] for s in slabs])
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_3d_prediction_block_by_block_equals_the_whole_volume(tmp_path, monkeypatch, axis):
+    """A volume larger than one slab goes through the network in small blocks (bounded
+    memory), with the smoothing computed exactly as on the whole volume."""
+    from conftest import disks_volume
+
+    from napari_ssl_seg import inference
+    from napari_ssl_seg.store import Project
+
+    image, _ = disks_volume(shape=(10, 40, 36))
+    project = Project.create(tmp_path / "p.zarr", image, axis=axis)
+    method = _VoxelwiseMethod()
+    whole_slabs, whole_labels, whole_confidence = _slabs_3d(project, method)
+    assert len(whole_slabs) == 1  # small enough to go whole
+    assert 0 < whole_labels.mean() < 1  # both classes present
+
+    monkeypatch.setattr(inference, "TILE", 16)  # in-plane blocks of at most 16 x 16
+    plane = int(np.prod(project.shape)) // project.n_slices
+    slabs, labels, confidence = _slabs_3d(project, method, voxels_per_slab=3 * plane, halo=2)
+    assert [s[1] - s[0] for s in slabs] == [3] * (project.n_slices // 3) + (
+        [project.n_slices % 3] if project.n_slices % 3 else []
+    )
+    np.testing.assert_array_equal(labels, whole_labels)
+    np.testing.assert_allclose(confidence, whole_confidence, atol=1e-6)
+
+
+def test_3d_prediction_blocks_with_a_real_network(tmp_path, tiny_config, monkeypatch):
+    """A trained-size 3D UNet, blocks whose context covers the volume: the same output."""
+    from conftest import disks_volume
+
+    from napari_ssl_seg import inference
+    from napari_ssl_seg.store import Project
+
+    image, _ = disks_volume(shape=(8, 32, 32))
+    project = Project.create(tmp_path / "p.zarr", image)
+    method = _method(tiny_config, mode="3d")
+    _, whole_labels, whole_confidence = _slabs_3d(project, method)
+    monkeypatch.setattr(inference, "TILE", 16)
+    slabs, labels, confidence = _slabs_3d(project, method, voxels_per_slab=2 * 32 * 32, halo=32)
+    assert len(slabs) == 4
+    np.testing.assert_array_equal(labels, whole_labels)
+    np.testing.assert_allclose(confidence, whole_confidence, atol=1e-5)
