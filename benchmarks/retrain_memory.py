@@ -81,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="256,2048,2048", help="Z,Y,X")
     parser.add_argument("--iterations", type=int, default=None, help="default: TrainConfig's")
+    parser.add_argument("--mode", choices=("2d", "2.5d", "3d"), default="2d")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cores", default=None, help="pin to these cores, e.g. 0,1")
     parser.add_argument("--workdir", default=None)
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         project, annotated = make_project(workdir, shape)
         values = {"iterations": args.iterations} if args.iterations else {}
-        config = TrainConfig(method="supervised", threads=args.threads, **values)
+        config = TrainConfig(method="supervised", threads=args.threads, mode=args.mode, **values)
         started, phase_started = time.perf_counter(), {}
         gen = train_round(project, config)
         for report in gen:
@@ -132,9 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "# Peak memory of a retrain round on a large project\n\n"
         + machine_markdown(info, result["command"])
         + f"\nVolume (Z, Y, X) = {' x '.join(map(str, shape))}, slice axis 0; round 1 "
-        "written from the truth, human slices "
-        f"{annotated}; `supervised`, {config.iterations} iterations, {args.threads} torch "
-        f"threads. Phases started at {phase_started} s (setup = making the project).\n\n"
+        f"written from the truth, human slices {annotated}; `supervised` ({args.mode}), "
+        f"{config.iterations} iterations, {args.threads} torch threads. Phases started at "
+        f"{phase_started} s (setup = making the project).\n\n"
         "| phase | peak resident MB |\n|---|---|\n"
         + rows
         + f"\n\nProcess maximum (ru_maxrss): {result['ru_maxrss_mb']:.0f} MB.\n"

@@ -152,3 +152,28 @@ def test_dropping_the_cache_keeps_the_values(tiny_project, tiny_config):
     assert data.image._cache._bytes == 0 and data.weight._cache._bytes == 0
     np.testing.assert_array_equal(data.image[[1, 4]], image)
     np.testing.assert_array_equal(data.weight[[1, 4]], weight)
+
+
+def test_3d_samples_read_only_the_crop_window(tmp_path, tiny_config):
+    """A 3D cube keeps each slice's in-plane crop window, not whole slices (a cube of 16
+    whole 2048^2 slices held ~800 MB of image, target and weight), and its crops still
+    come from all over the plane."""
+    import tracemalloc
+
+    image, labels = disks_volume(shape=(16, 512, 512))
+    project = Project.create(tmp_path / "p.zarr", image)
+    project.annotate_slices(labels, [4, 12], source="test")
+    config = tiny_config(mode="3d", patch_size=64)  # cubes of 32^3
+    sampler = TwoStreamSampler(load_training_set(project, config), config)
+    sampler.labelled()  # fills the slice cache (bounded, and not what is measured)
+    tracemalloc.start()
+    try:
+        batch = sampler.labelled()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert tuple(batch.image.shape) == (1, 1, 16, 32, 32)  # depth: the volume's 16
+    # Whole slices: 16 x 512^2 x (4 + 8 + 4) bytes = 67 MB; windows: ~0.3 MB.
+    assert peak < 8e6, f"peak {peak / 1e6:.1f} MB: whole slices were read into the cube"
+    corners = {tuple(s.start for s in sampler._window((512, 512))) for _ in range(50)}
+    assert len(corners) > 40 and max(max(c) for c in corners) > 240
