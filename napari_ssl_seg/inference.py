@@ -2,7 +2,8 @@
 
 Slices are read from the project, normalised, predicted (whole, or by MONAI's sliding
 window when larger than ``tile``) and written to the round's arrays before the next slab
-is read, so a volume larger than memory can be predicted.
+is read, so a volume larger than memory can be predicted. In 3D mode a large volume goes
+through the network in blocks read with a margin of context (:func:`_predicted_slabs_3d`).
 """
 
 from __future__ import annotations
