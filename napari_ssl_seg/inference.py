@@ -351,22 +351,20 @@ def _predicted_slabs_3d(
     sizes = (n, *(s for i, s in enumerate(project.shape) if i != axis))  # slice axis first
     plane = sizes[1] * sizes[2]
     if n * plane <= voxels_per_slab:
-        vol = np.moveaxis(normalise(project.image[...], norm), axis, 0)
-        x = torch.from_numpy(smooth(vol, smoothing))[None, None]
-        probs = predict_probabilities(method, x.to(device), tile=96)[0].cpu().numpy()
-        yield 0, n, probs.argmax(0).astype(np.uint16), probs.max(0).astype(np.float32)
-        return
+        depth, tile = n, max(sizes[1:])  # one block: the whole volume
+    else:
+        depth, tile = max(1, voxels_per_slab // plane), TILE
     # Beyond the context, the smoothing's own halo (across slices, in-plane): every voxel
     # the network sees is then the whole volume's smoothed voxel.
     reach = (
         halo + smoothing_halo(smoothing),
         *[halo + smoothing_halo((smoothing[1], 0.0))] * 2,
     )
-    for start, stop in _slabs(n, max(1, voxels_per_slab // plane)):
+    for start, stop in _slabs(n, depth):
         labels = np.empty((stop - start, *sizes[1:]), np.uint16)
         confidence = np.empty((stop - start, *sizes[1:]), np.float32)
-        for rows in _slabs(sizes[1], TILE):
-            for cols in _slabs(sizes[2], TILE):
+        for rows in _slabs(sizes[1], tile):
+            for cols in _slabs(sizes[2], tile):
                 out = ((start, stop), rows, cols)  # (first, stop) per axis, slice axis first
                 context = _grown(out, (halo,) * 3, sizes)
                 read = _grown(out, reach, sizes)
