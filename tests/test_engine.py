@@ -207,6 +207,20 @@ def test_other_modes(tiny_project, tiny_config, mode):
     assert record["config"]["mode"] == mode and project.latest_round == 1
 
 
+def test_3d_round_on_a_volume_larger_than_one_slab(tiny_project, tiny_config, monkeypatch):
+    """The block-by-block 3D prediction feeds the vote and the round's arrays whole."""
+    from napari_ssl_seg import inference
+
+    project, _, _ = tiny_project
+    monkeypatch.setattr(inference, "VOXELS_PER_3D_SLAB", 2 * 32 * 32)  # 2-slice slabs
+    monkeypatch.setattr(inference, "TILE", 16)  # 2 x 2 in-plane blocks
+    record = run_round(project, tiny_config(mode="3d", iterations=2))
+    confidence = np.asarray(project.confidence(1)[...])
+    assert record["config"]["mode"] == "3d" and confidence.shape == project.shape
+    assert (confidence >= 0.5).all()  # every voxel predicted (2 classes: max prob >= 0.5)
+    assert len(record["uncertain_slices"]) > 0
+
+
 def test_auto_picks_diffusion_from_one_slice_and_supervised_from_two(tmp_path, tiny_config):
     from conftest import disks_volume
 
