@@ -99,6 +99,21 @@ def check_slices(n_slices: int, count: int = 3) -> list[int]:
     return sorted({int(full[i]) for i in np.linspace(0, full.size - 1, count).round().astype(int)})
 
 
+def annotate_from_truth(project) -> list[int]:
+    """Annotate two slices of a slice-axis-0 project of the mirrored sample from its truth.
+
+    Slices with nuclei where the volume has some (a small one may hold only background);
+    returns them.
+    """
+    shape = project.shape
+    annotated = check_slices(shape[0], count=2) or [0, shape[0] // 2]
+    for z in annotated:
+        truth = mirrored_sample(z, z + 1, shape)[1]
+        region = (slice(z, z + 1), slice(0, shape[1]), slice(0, shape[2]))
+        project.apply_edit("annotation", region, truth, source="benchmark", whole_slices=True)
+    return annotated
+
+
 @functools.cache
 def _sample() -> tuple[np.ndarray, np.ndarray]:
     from napari_ssl_seg._sample_data import load_nuclei
@@ -247,11 +262,7 @@ def step_retrain(job: dict) -> dict:
 
     project = Project.open(Path(job["workdir"]) / "big.zarr", verify=False)
     # Slices with nuclei where the volume has some (a small one may hold only background).
-    annotated = check_slices(project.shape[0], count=2) or [0, project.shape[0] // 2]
-    for z in annotated:
-        truth = mirrored_sample(z, z + 1, project.shape)[1]
-        region = (slice(z, z + 1), slice(0, project.shape[1]), slice(0, project.shape[2]))
-        project.apply_edit("annotation", region, truth, source="benchmark", whole_slices=True)
+    annotated = annotate_from_truth(project)
     values = {"iterations": job["iterations"]} if job["iterations"] else {}
     config = TrainConfig(
         method="supervised",

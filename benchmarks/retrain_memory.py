@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import command_line, machine_info, machine_markdown, pin_to, write_results
-from big_volume_memory import SLAB, check_slices, mirrored_sample, write_volume
+from big_volume_memory import SLAB, annotate_from_truth, mirrored_sample, write_volume
 from big_volume_memory import _current_rss_mb as resident_mb
 
 
@@ -69,12 +69,7 @@ def make_project(workdir: Path, shape: Sequence[int]):
         "source": "benchmark: round 1 written from the mirrored truth",
     }
     writer.commit(record, b"no weights: written by benchmarks/retrain_memory.py")
-    annotated = check_slices(shape[0], count=2) or [0, shape[0] // 2]
-    for z in annotated:
-        region = (slice(z, z + 1), slice(0, shape[1]), slice(0, shape[2]))
-        truth = mirrored_sample(z, z + 1, shape)[1]
-        project.apply_edit("annotation", region, truth, source="benchmark", whole_slices=True)
-    return project, annotated
+    return project, annotate_from_truth(project)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
