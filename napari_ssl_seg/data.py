@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -174,6 +174,9 @@ class TrainingSet:
     smoothing : (float, float)
         Gaussian sigmas (across slices, in-plane) ``image`` was smoothed with
         (:func:`smoothing_sigmas`); prediction smooths its input the same way.
+    windowed : bool
+        The prepared image is larger than the cache: :meth:`window` then reads crops
+        from the project window by window instead of cutting them from whole slices.
     """
 
     image: SliceArray
@@ -184,6 +187,48 @@ class TrainingSet:
     num_classes: int
     norm: tuple[float, float]
     smoothing: tuple[float, float] = (0.0, 0.0)
+    windowed: bool = False
+    #: Slices a windowed set cuts windows from cached whole slices (the human slices,
+    #: drawn every iteration, when they all fit the cache).
+    cut_from_cache: frozenset[int] = frozenset()
+    #: ``load(lo, hi, window)`` of the image and of (target, weight), windows only.
+    loaders: tuple[Callable, Callable] | None = field(default=None, repr=False)
+
+    def window(
+        self, lo: int, hi: int, rows: slice, cols: slice, *, labels: bool = True
+    ) -> tuple[np.ndarray, ...]:
+        """Slices ``lo..hi-1`` cut to the in-plane window ``rows`` x ``cols``.
+
+        Equals ``self.image[lo:hi][:, rows, cols]`` (and the same of ``target`` and
+        ``weight`` with ``labels``), but a windowed set reads only the window, plus the
+        smoothing's halo, from the project: a 96^2 crop of a 2048^2 slice no longer
+        reads, normalises and smooths the whole slice (nor evicts cached ones). Slices
+        in ``cut_from_cache`` are still cut from cached whole slices.
+
+        Parameters
+        ----------
+        lo, hi : int
+            Slice range, ``0 <= lo < hi <= S``.
+        rows, cols : slice
+            In-plane window (steps of 1; a stop past the edge is clipped).
+        labels : bool
+            Also return target and weight.
+
+        Returns
+        -------
+        tuple of (hi - lo, h, w) ndarrays
+            image (float32), then target (int32) and weight (float32) with ``labels``.
+        """
+        views = (self.image, self.target, self.weight)[: 3 if labels else 1]
+        if not self.windowed or set(range(lo, hi)) <= self.cut_from_cache:
+            return tuple(np.stack([view[i][rows, cols] for i in range(lo, hi)]) for view in views)
+        load_image, load_labels = self.loaders
+        plane = self.image.shape[1:]
+        window = tuple(
+            (w.start or 0, min(size, size if w.stop is None else w.stop))
+            for w, size in zip((rows, cols), plane, strict=True)
+        )
+        return load_image(lo, hi, window) + (load_labels(lo, hi, window) if labels else ())
 
     def drop_cache(self) -> None:
         """Forget the cached slices (prediction needs none); later reads refill the cache."""
@@ -324,7 +369,7 @@ def load_training_set(
     config: TrainConfig,
     *,
     pseudo_round: int | None = None,
-    cache_bytes: int = TRAINING_CACHE_BYTES,
+    cache_bytes: int | None = None,
 ) -> TrainingSet:
     """Prepare what a round trains on from ``project``, reading slices on demand.
 
@@ -339,14 +384,17 @@ def load_training_set(
     pseudo_round : int, optional
         Round whose confident pseudo-labels join the labelled set (default: the latest;
         0 = none).
-    cache_bytes : int
-        Prepared slices kept for reuse, per kind (image; target and weight).
+    cache_bytes : int, optional
+        Prepared slices kept for reuse, per kind (image; target and weight); default
+        :data:`TRAINING_CACHE_BYTES`. A volume whose prepared image is larger is
+        sampled window by window (:meth:`TrainingSet.window`).
 
     Raises
     ------
     InvalidInputError
         No voxel is annotated or corrected yet.
     """
+    cache_bytes = TRAINING_CACHE_BYTES if cache_bytes is None else cache_bytes
     axis, n = project.axis, project.n_slices
     plane = tuple(s for a, s in enumerate(project.shape) if a != axis)
     human_slices = sorted(set(project.annotated_slices()) | set(project.corrected_slices()))
@@ -364,13 +412,31 @@ def load_training_set(
     smoothing = smoothing_sigmas(config.smoothing, project)
     halo = smoothing_halo(smoothing)
 
-    def read(array, lo: int, hi: int) -> np.ndarray:
-        return np.moveaxis(np.asarray(array[_slab_index(axis, lo, hi)]), axis, 0)
+    plane_halo = smoothing_halo((smoothing[1], 0.0))
+    plane_axes = [a for a in range(3) if a != axis]
 
-    def load_image(lo: int, hi: int) -> tuple[np.ndarray]:
+    def read(array, lo: int, hi: int, window=None) -> np.ndarray:
+        """Slices lo..hi-1 of ``array``, slice axis first, cut to ``window`` if given."""
+        index = list(_slab_index(axis, lo, hi))
+        if window is not None:
+            for a, (start, stop) in zip(plane_axes, window, strict=True):
+                index[a] = slice(start, stop)
+        return np.moveaxis(np.asarray(array[tuple(index)]), axis, 0)
+
+    def load_image(lo: int, hi: int, window=None) -> tuple[np.ndarray]:
         first, last = max(0, lo - halo), min(n, hi + halo)
-        block = normalise(read(project.image, first, last), norm)
-        return (smooth(block, smoothing, keep=slice(lo - first, hi - first)),)
+        keep = slice(lo - first, hi - first)
+        if window is None:
+            return (smooth(normalise(read(project.image, first, last), norm), smoothing, keep),)
+        # The window grown by the in-plane halo (clipped where the plane ends, as the
+        # whole slice is), smoothed, cut back: the same voxels as the whole slice's.
+        grown = [
+            (max(0, a - plane_halo), min(size, z + plane_halo))
+            for (a, z), size in zip(window, plane, strict=True)
+        ]
+        block = smooth(normalise(read(project.image, first, last, grown), norm), smoothing, keep)
+        inner = [slice(a - g, z - g) for (a, z), (g, _) in zip(window, grown, strict=True)]
+        return (np.ascontiguousarray(block[:, inner[0], inner[1]]),)
 
     pseudo_round = project.latest_round if pseudo_round is None else pseudo_round
     use_pseudo = pseudo_round >= 1 and config.pseudo_weight > 0
@@ -380,11 +446,12 @@ def load_training_set(
         pseudo_array = project.pseudo_labels(pseudo_round)
         confidence_array = project.confidence(pseudo_round)
 
-        def free_mask(lo: int, hi: int) -> np.ndarray:
-            free = np.ones((hi - lo, *plane), bool)
+        def free_mask(lo: int, hi: int, window=None) -> np.ndarray:
+            cut = _cut(window)
+            free = np.ones((hi - lo, *_window_shape(plane, window)), bool)
             for i in range(lo, hi):
                 if i in human:
-                    free[i - lo] = ~human[i][1]
+                    free[i - lo] = ~human[i][1][cut]
             return free
 
         def blocks():
@@ -398,21 +465,23 @@ def load_training_set(
         usable = (peaks >= floors).any(1) if floors.size else np.zeros(n, bool)
         pseudo_slices = [int(i) for i in np.flatnonzero(usable) if int(i) not in human]
 
-    def load_labels(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        target = np.zeros((hi - lo, *plane), np.int32)
-        weight = np.zeros((hi - lo, *plane), np.float32)
+    def load_labels(lo: int, hi: int, window=None) -> tuple[np.ndarray, np.ndarray]:
+        cut = _cut(window)
+        target = np.zeros((hi - lo, *_window_shape(plane, window)), np.int32)
+        weight = np.zeros(target.shape, np.float32)
         for i in range(lo, hi):
             if i in human:
                 labels, mask = human[i]
-                target[i - lo], weight[i - lo] = labels, mask
+                target[i - lo], weight[i - lo] = labels[cut], mask[cut]
         if use_pseudo:
-            pseudo = read(pseudo_array, lo, hi)
-            use = _confident(pseudo, read(confidence_array, lo, hi), free_mask(lo, hi), floors)
+            pseudo = read(pseudo_array, lo, hi, window)
+            confidence = read(confidence_array, lo, hi, window)
+            use = _confident(pseudo, confidence, free_mask(lo, hi, window), floors)
             target[use] = pseudo[use]
             weight[use] = config.pseudo_weight
         return target, weight
 
-    shape = (n, *plane)
+    shape, voxels = (n, *plane), int(np.prod(plane))
     images = _SliceCache(load_image, cache_bytes)
     labels = _SliceCache(load_labels, cache_bytes)
     return TrainingSet(
@@ -424,7 +493,20 @@ def load_training_set(
         num_classes,
         norm,
         smoothing,
+        windowed=n * voxels * 4 > cache_bytes,  # float32 image
+        # (their target and weight take 8 bytes a voxel)
+        cut_from_cache=frozenset(human if len(human) * voxels * 8 <= cache_bytes else ()),
+        loaders=(load_image, load_labels),
     )
+
+
+def _cut(window) -> tuple[slice, slice]:
+    """In-plane index of ``window`` ((start, stop) per axis; None = the whole plane)."""
+    return (slice(None), slice(None)) if window is None else tuple(slice(*w) for w in window)
+
+
+def _window_shape(plane: tuple[int, int], window) -> tuple[int, int]:
+    return tuple(plane) if window is None else tuple(z - a for a, z in window)
 
 
 def _slab_index(axis: int, lo: int, hi: int) -> tuple[slice, ...]:
@@ -529,6 +611,9 @@ def in_channels(mode: str) -> int:
     return 3 if mode == "2.5d" else 1
 
 
+KEYS = ("image", "target", "weight")  # of a training sample
+
+
 class TwoStreamSampler:
     """Draws labelled and unlabelled batches with MONAI augmentation, seeded.
 
@@ -553,7 +638,7 @@ class TwoStreamSampler:
             size = [min(cube, data.image.shape[0]), *[min(cube, side)] * 2]
         pad = [max(16, int(np.ceil(s / 16) * 16)) for s in size]
         self.crop_size = tuple(pad)  # (H, W) or (D, H, W), after padding to 16
-        keys = ["image", "target", "weight"]
+        keys = list(KEYS)
         axes = [(0, 1)] if spatial == 2 else [(1, 2)]
         self.transform = Compose(
             [
@@ -575,33 +660,33 @@ class TwoStreamSampler:
         return tuple(slice(a, a + side) for a in starts)
 
     def _sample(self, index: int, labelled: bool) -> dict[str, np.ndarray]:
-        d = self.data
-        if self.mode == "3d":
-            half = max(16, self.config.patch_size // 4)
-            lo = max(0, min(index - half, d.image.shape[0] - 2 * half))
-            depth = range(lo, min(lo + 2 * half, d.image.shape[0]))
-            # Each slice is cut to the crop's in-plane window as it is read: a cube of
-            # whole 2048^2 slices held ~800 MB (image, target, weight) for a 48^2 crop.
+        d, n = self.data, self.data.image.shape[0]
+        if self.mode == "3d" or d.windowed:
+            # Read only the crop's in-plane window (MONAI's crop below then keeps all of
+            # it): a cube of whole 2048^2 slices held ~800 MB for a 48^2 crop, and a 2D
+            # crop of a big slice read, normalised and smoothed the whole slice.
+            if self.mode == "3d":
+                half = max(16, self.config.patch_size // 4)
+                lo = max(0, min(index - half, n - 2 * half))
+                hi = min(lo + 2 * half, n)
+            else:  # 2.5D also needs the neighbours (clamped at the ends)
+                lo = max(0, index - 1) if self.mode == "2.5d" else index
+                hi = min(n, index + 2) if self.mode == "2.5d" else index + 1
             window = self._window(d.image.shape[1:])
-            item = {
-                key: np.stack([getattr(d, key)[z][window] for z in depth])[None]
-                for key in ("image", "target", "weight")
-            }
-        elif labelled:
-            item = {
-                "image": slice_stack(d.image, [index], self.mode)[0],
-                "target": d.target[index][None],
-                "weight": d.weight[index][None],
-            }
-        else:  # labels are not read for the unlabelled stream
-            image = slice_stack(d.image, [index], self.mode)[0]
-            item = {
-                "image": image,
-                "target": np.zeros((1, *image.shape[1:]), np.int32),
-                "weight": np.zeros((1, *image.shape[1:]), np.float32),
-            }
-        if not labelled:  # 3D cubes: labels read with the image, then ignored
-            item["weight"] = np.zeros_like(item["weight"])
+            parts = d.window(lo, hi, *window, labels=labelled)
+            if self.mode == "3d":
+                item = {key: part[None] for key, part in zip(KEYS, parts, strict=False)}
+            else:
+                item = {"image": slice_stack(parts[0], [index - lo], self.mode)[0]}
+                item |= {k: p[index - lo][None] for k, p in zip(KEYS[1:], parts[1:], strict=False)}
+        else:
+            item = {"image": slice_stack(d.image, [index], self.mode)[0]}
+            if labelled:
+                item |= {"target": d.target[index][None], "weight": d.weight[index][None]}
+        if not labelled:  # labels are not read for the unlabelled stream
+            spatial = item["image"].shape[1:]
+            item |= {"target": np.zeros((1, *spatial), np.int32)}
+            item |= {"weight": np.zeros((1, *spatial), np.float32)}
         out = self.transform(item)
         return {k: np.asarray(v) for k, v in out.items()}
 

@@ -177,3 +177,86 @@ def test_3d_samples_read_only_the_crop_window(tmp_path, tiny_config):
     assert peak < 8e6, f"peak {peak / 1e6:.1f} MB: whole slices were read into the cube"
     corners = {tuple(s.start for s in sampler._window((512, 512))) for _ in range(50)}
     assert len(corners) > 40 and max(max(c) for c in corners) > 240
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_windows_equal_cuts_of_whole_slices(tmp_path, tiny_config, axis):
+    """A windowed set (slices too big to cache) reads each crop's window, plus the
+    smoothing's halo, from the project: the same voxels as whole slices cut, at the
+    plane's edges too, with and without an earlier round's pseudo-labels."""
+    image, labels = disks_volume(shape=(10, 40, 36))
+    project = Project.create(tmp_path / "p.zarr", image, axis=axis, voxel_size=(2.0, 0.5, 0.5))
+    project.annotate_slices(labels, [3, 25] if axis else [2, 6])
+    config = tiny_config(iterations=4, labelled_batch=2, smoothing=1.5)  # halo 2 x 5 px
+    run_round(project, config)
+    region = [slice(4, 7), slice(9, 20), slice(5, 30)]
+    region[axis] = slice(7, 8)  # a partial correction
+    project.apply_edit("correction", region, labels[tuple(region)], round=1)
+
+    # 3000 bytes: every window read from the project; 40 kB: the volume's prepared image
+    # (58 kB) does not fit, its 3 human slices' labels (35 kB, 9 kB on axis 1) do.
+    for pseudo_round, cache_bytes in [(0, 3000), (1, 3000), (1, 40_000)]:
+        data = load_training_set(
+            project, config, pseudo_round=pseudo_round, cache_bytes=cache_bytes
+        )
+        assert data.windowed
+        assert data.cut_from_cache == (set(data.human_slices) if cache_bytes > 3000 else set())
+        whole = [np.asarray(getattr(data, name)) for name in ("image", "target", "weight")]
+        n, height, width = whole[0].shape
+        human = data.human_slices[0]
+        for lo, hi, rows, cols in [
+            (0, n, slice(0, height), slice(0, width)),  # everything
+            (1, 4, slice(3, 11), slice(6, 13)),  # inside, the halo read on every side
+            (n - 2, n, slice(height - 5, height + 20), slice(0, 9)),  # past the edge
+            (human, human + 1, slice(2, 30), slice(1, 20)),  # a human slice
+            (7, 8, slice(0, 8), slice(4, 36)),  # the corrected slice
+        ]:
+            parts = data.window(lo, hi, rows, cols)
+            for part, expected in zip(parts, whole, strict=True):
+                np.testing.assert_array_equal(part, expected[lo:hi, rows, cols])
+            (image_only,) = data.window(lo, hi, rows, cols, labels=False)
+            np.testing.assert_array_equal(image_only, parts[0])
+
+
+def test_2d_samples_of_big_slices_read_only_windows(tmp_path, tiny_config):
+    """Slices too big for the cache: a 2D or 2.5D crop reads its window, not whole
+    slices (a 96^2 crop of a 2048^2 slice read, normalised and smoothed 7 whole slices)."""
+    import tracemalloc
+
+    image, labels = disks_volume(shape=(12, 1024, 1024))
+    project = Project.create(tmp_path / "p.zarr", image)
+    project.annotate_slices(labels, [4, 9], source="test")
+    for mode in ("2d", "2.5d"):
+        config = tiny_config(mode=mode, labelled_batch=2, unlabelled_batch=2)
+        data = load_training_set(project, config, cache_bytes=2**22)  # 48 MB prepared
+        sampler = TwoStreamSampler(data, config)
+        assert data.windowed
+        for draw in ("labelled", "unlabelled"):
+            tracemalloc.start()
+            try:
+                batch = getattr(sampler, draw)()
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert tuple(batch.image.shape) == (2, 3 if mode == "2.5d" else 1, 32, 32)
+            # Whole slices: 30-44 MB. A window still decompresses its 512^2 chunks
+            # (7 slices with the smoothing's halo): ~5 MB.
+            assert peak < 12e6, f"{mode}, {draw}: {peak / 1e6:.0f} MB, whole slices read"
+
+
+@pytest.mark.parametrize("mode", ["2d", "2.5d", "3d"])
+def test_round_on_a_windowed_set(tmp_path, tiny_config, monkeypatch, mode):
+    """The engine's round trains from windows when the slices do not fit the cache."""
+    from napari_ssl_seg import data as data_module
+
+    monkeypatch.setattr(data_module, "TRAINING_CACHE_BYTES", 20_000)
+    image, labels = disks_volume(shape=(8, 48, 48))
+    project = Project.create(tmp_path / "p.zarr", image)
+    project.annotate_slices(labels, [2, 5], source="test")
+    config = tiny_config(
+        mode=mode, iterations=4, labelled_batch=2, patch_size=64 if mode == "3d" else 32
+    )
+    assert load_training_set(project, config).windowed
+    record = run_round(project, config)
+    assert record["round"] == 1 and project.pseudo_labels(1).shape == image.shape
+    np.testing.assert_array_equal(project.final[[2, 5]], labels[[2, 5]])
