@@ -83,6 +83,35 @@ def test_calibration_is_the_same_one_slice_at_a_time(tiny_config, monkeypatch):
     assert bias in grid and bias == fitted([2, 1], 10**9)
 
 
+def test_calibration_picks_the_best_bias_on_human_voxels_only(tiny_config):
+    """Brute force over the grid on partly annotated slices: the fitted bias is the one
+    whose Dice over the human voxels (weight 1) is highest, nearest 0 among ties."""
+    from conftest import disks_volume
+
+    image, labels = disks_volume()
+    method = _method(tiny_config)
+    x = ((image - image.min()) / np.ptp(image)).astype(np.float32)
+    weight = np.zeros(labels.shape, np.float32)
+    weight[2:6, :, :20] = 1  # the left part of 4 slices; the rest must not count
+    grid = np.round(np.linspace(0.36, 0.375, 61), 5)  # see the test above
+    bias = calibrate_background_bias(
+        method, x, labels.astype(np.int64), weight, [2, 3, 4, 5],
+        mode="2d", device=torch.device("cpu"), grid=grid,
+    )  # fmt: skip
+    probs = predict_probabilities(method, torch.from_numpy(x[2:6][:, None]))
+    human, truth = weight[2:6] >= 1, labels[2:6] > 0
+
+    def human_dice(b):
+        pred = adjust_background(probs, float(b)).argmax(1).numpy() > 0
+        p, t = pred[human], truth[human]
+        return 2 * (p & t).sum() / (p.sum() + t.sum())
+
+    scores = {float(b): human_dice(b) for b in sorted(grid, key=abs)}
+    best = max(scores.values())
+    assert len(set(scores.values())) > 3  # the grid splits the voxels
+    assert bias == next(b for b, score in scores.items() if score > best - 1e-6)
+
+
 def test_no_foreground_means_no_bias(tiny_config):
     method = _method(tiny_config)
     x = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
