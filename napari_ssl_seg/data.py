@@ -175,7 +175,7 @@ class TrainingSet:
         Gaussian sigmas (across slices, in-plane) ``image`` was smoothed with
         (:func:`smoothing_sigmas`); prediction smooths its input the same way.
     windowed : bool
-        The prepared image is larger than the cache: :meth:`window` then reads crops
+        The prepared slices are larger than the cache: :meth:`window` then reads crops
         from the project window by window instead of cutting them from whole slices.
     """
 
@@ -386,8 +386,8 @@ def load_training_set(
         0 = none).
     cache_bytes : int, optional
         Prepared slices kept for reuse, per kind (image; target and weight); default
-        :data:`TRAINING_CACHE_BYTES`. A volume whose prepared image is larger is
-        sampled window by window (:meth:`TrainingSet.window`).
+        :data:`TRAINING_CACHE_BYTES`. A volume whose prepared labels (8 bytes a voxel)
+        are larger is sampled window by window (:meth:`TrainingSet.window`).
 
     Raises
     ------
@@ -493,8 +493,9 @@ def load_training_set(
         num_classes,
         norm,
         smoothing,
-        windowed=n * voxels * 4 > cache_bytes,  # float32 image
-        # (their target and weight take 8 bytes a voxel)
+        # Target and weight take 8 bytes a voxel (the image 4): windows once they do not
+        # all fit (16 x 2048^2 fits an image cache, then thrashed the labels one).
+        windowed=n * voxels * 8 > cache_bytes,
         cut_from_cache=frozenset(human if len(human) * voxels * 8 <= cache_bytes else ()),
         loaders=(load_image, load_labels),
     )

@@ -193,9 +193,10 @@ def test_windows_equal_cuts_of_whole_slices(tmp_path, tiny_config, axis):
     region[axis] = slice(7, 8)  # a partial correction
     project.apply_edit("correction", region, labels[tuple(region)], round=1)
 
-    # 3000 bytes: every window read from the project; 40 kB: the volume's prepared image
-    # (58 kB) does not fit, its 3 human slices' labels (35 kB, 9 kB on axis 1) do.
-    for pseudo_round, cache_bytes in [(0, 3000), (1, 3000), (1, 40_000)]:
+    # 3000 bytes: every window read from the project; 40 kB: the volume's prepared labels
+    # (115 kB) do not fit, its 3 human slices' (35 kB, 9 kB on axis 1) do; 60 kB: the
+    # image (58 kB) would fit, the labels still do not (a thrashed labels cache).
+    for pseudo_round, cache_bytes in [(0, 3000), (1, 3000), (1, 40_000), (1, 60_000)]:
         data = load_training_set(
             project, config, pseudo_round=pseudo_round, cache_bytes=cache_bytes
         )
@@ -228,7 +229,7 @@ def test_2d_samples_of_big_slices_read_only_windows(tmp_path, tiny_config):
     project.annotate_slices(labels, [4, 9], source="test")
     for mode in ("2d", "2.5d"):
         config = tiny_config(mode=mode, labelled_batch=2, unlabelled_batch=2)
-        data = load_training_set(project, config, cache_bytes=2**22)  # 48 MB prepared
+        data = load_training_set(project, config, cache_bytes=2**22)  # 96 MB of labels
         sampler = TwoStreamSampler(data, config)
         assert data.windowed
         for draw in ("labelled", "unlabelled"):
