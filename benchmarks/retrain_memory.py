@@ -101,11 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         project, annotated = make_project(workdir, shape)
         values = {"iterations": args.iterations} if args.iterations else {}
         config = TrainConfig(method="supervised", threads=args.threads, mode=args.mode, **values)
-        started, phase_started = time.perf_counter(), {}
+        started, phase_started, last_report = time.perf_counter(), {}, {}
         gen = train_round(project, config)
         for report in gen:
             peaks.phase = report["phase"]
-            phase_started.setdefault(report["phase"], round(time.perf_counter() - started, 1))
+            now = round(time.perf_counter() - started, 1)
+            phase_started.setdefault(report["phase"], now)
+            last_report[report["phase"]] = now
             if report["phase"] == "predict":
                 gen.close()
                 break
@@ -120,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "annotated": annotated,
         "iterations": config.iterations,
         "phase_started_s": phase_started,
+        # The last iteration's report; the "train" phase then goes on through the
+        # calibration and the first predicted slab, until the first "predict" report.
+        "last_iteration_s": last_report.get("train"),
         "phase_peak_mb": {k: round(v, 1) for k, v in peaks.peaks.items() if k != "end"},
         "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, 1),
     }
@@ -130,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         + f"\nVolume (Z, Y, X) = {' x '.join(map(str, shape))}, slice axis 0; round 1 "
         f"written from the truth, human slices {annotated}; `supervised` ({args.mode}), "
         f"{config.iterations} iterations, {args.threads} torch threads. Phases started at "
-        f"{phase_started} s (setup = making the project).\n\n"
+        f"{phase_started} s (setup = making the project); the last iteration ended at "
+        f"{result['last_iteration_s']} s (calibration and the first predicted slab "
+        "follow within the train phase).\n\n"
         "| phase | peak resident MB |\n|---|---|\n"
         + rows
         + f"\n\nProcess maximum (ru_maxrss): {result['ru_maxrss_mb']:.0f} MB.\n"
