@@ -274,6 +274,12 @@ def train_round(
         "metrics": {"final_losses": losses},
         "uncertain_slices": rank_slices(scores),
         "device": str(device),
+        # What the round's seconds ran with (the widget's child sets OpenMP's policy).
+        "runtime": {
+            "torch_threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        },
         "host": platform.node(),
         "version": __version__,
         **prediction,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -42,6 +43,14 @@ def test_job_trains_a_round(tiny_project, tiny_config):
     record = messages[-1][1]
     assert record["round"] == 1 and record["iterations_done"] == 5
     assert not record["stopped_early"]
+    # The child sized torch and OpenMP to the job's threads before torch loaded, and its
+    # idle OpenMP threads sleep (unless the user's environment chose otherwise).
+    expected_policy = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    assert record["runtime"] == {
+        "torch_threads": job.threads,
+        "omp_num_threads": str(job.threads),
+        "omp_wait_policy": expected_policy,
+    }
     # The child committed the round; the parent's Project sees it.
     assert project.latest_round == 1
     assert project.pseudo_labels(1).shape == project.shape
