@@ -28,6 +28,16 @@ TILE = 512
 #: peaked at 1293 / 1339 MB against 710 / 722 MB with one tile's worth, and predicted
 #: the sample no slower (4.3 s vs 4.7 s for 60 x 256^2).
 VOXELS_PER_BATCH = TILE * TILE
+
+
+def slices_per_batch(plane_voxels: int, voxels_per_batch: int | None = None) -> int:
+    """Slices a slice-wise prediction batch takes: about ``voxels_per_batch`` voxels
+    (default :data:`VOXELS_PER_BATCH`), 1 to 32, so host memory stays flat from 256^2 to
+    2048^2 slices (slices above :data:`TILE` go one at a time, tiled)."""
+    voxels = VOXELS_PER_BATCH if voxels_per_batch is None else voxels_per_batch
+    return max(1, min(32, voxels // max(1, plane_voxels)))
+
+
 #: 3D mode: voxels of one predicted slab of slices (its labels and confidence take 6 bytes
 #: a voxel). A volume this small (the 60 x 256 x 256 sample) is predicted in one piece.
 VOXELS_PER_3D_SLAB = 2**24
@@ -197,7 +207,7 @@ def calibrate_background_bias(
     # summed batch by batch so that many corrected slices never go through the network
     # (or sit in memory as probabilities) at once.
     counts = np.zeros((len(biases), method.num_classes, 3), np.int64)
-    per_batch = max(1, VOXELS_PER_BATCH // int(np.prod(image.shape[1:])))
+    per_batch = slices_per_batch(int(np.prod(image.shape[1:])))
     for first in range(0, len(slices), per_batch):
         batch = list(slices[first : first + per_batch])
         x = torch.from_numpy(slice_stack(image, batch, mode)).to(device)
@@ -307,10 +317,7 @@ def _predicted_slabs(
         )
         return
     axis, n = project.axis, project.n_slices
-    # Slices per batch so a batch holds about ``voxels_per_batch`` voxels: host memory stays
-    # flat from 256^2 to 2048^2 slices (slices above TILE go one at a time, tiled).
-    plane = int(np.prod(project.shape)) // n
-    per_batch = max(1, min(32, voxels_per_batch // plane))
+    per_batch = slices_per_batch(int(np.prod(project.shape)) // n, voxels_per_batch)
     # One neighbour each side for 2.5D input (none in 2D: a 2048^2 slice's neighbours are
     # 32 MB of float32), and the smoothing's halo beyond it.
     context = 1 if mode == "2.5d" else 0
