@@ -187,7 +187,8 @@ def test_windows_equal_cuts_of_whole_slices(tmp_path, tiny_config, axis):
     image, labels = disks_volume(shape=(10, 40, 36))
     project = Project.create(tmp_path / "p.zarr", image, axis=axis, voxel_size=(2.0, 0.5, 0.5))
     project.annotate_slices(labels, [3, 25] if axis else [2, 6])
-    config = tiny_config(iterations=4, labelled_batch=2, smoothing=1.5)  # halo 2 x 5 px
+    # In-plane halo 5 px; across, 1 slice on axis 0 and 11 on axis 1 (the voxel size).
+    config = tiny_config(iterations=4, labelled_batch=2, smoothing=1.5)
     run_round(project, config)
     region = [slice(4, 7), slice(9, 20), slice(5, 30)]
     region[axis] = slice(7, 8)  # a partial correction
