@@ -315,7 +315,7 @@ def predict_tracking_memory(project, method, writer, norm, config, device, backg
             report = next(gen)
         except StopIteration as finished:
             return finished.value, rss
-        rss.append(round(_current_rss_mb(), 1))
+        rss.append(round(current_rss_mb(), 1))
         print(
             f"predict {report['iteration']}/{report['total']} "
             f"{time.perf_counter() - started:.0f} s, resident {rss[-1]:.0f} MB",
@@ -324,7 +324,7 @@ def predict_tracking_memory(project, method, writer, norm, config, device, backg
         )
 
 
-def _current_rss_mb() -> float:
+def current_rss_mb() -> float:
     try:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
     except OSError:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from _common import command_line, machine_info, machine_markdown, pin_to, write_results
 from big_volume_memory import SLAB, annotate_from_truth, mirrored_sample, write_volume
-from big_volume_memory import _current_rss_mb as resident_mb
+from big_volume_memory import current_rss_mb as resident_mb
 
 
 class PhasePeaks:
