@@ -430,13 +430,9 @@ def load_training_set(
             return (smooth(normalise(read(project.image, first, last), norm), smoothing, keep),)
         # The window grown by the in-plane halo (clipped where the plane ends, as the
         # whole slice is), smoothed, cut back: the same voxels as the whole slice's.
-        grown = [
-            (max(0, a - plane_halo), min(size, z + plane_halo))
-            for (a, z), size in zip(window, plane, strict=True)
-        ]
+        grown = grown_ranges(window, (plane_halo, plane_halo), plane)
         block = smooth(normalise(read(project.image, first, last, grown), norm), smoothing, keep)
-        inner = [slice(a - g, z - g) for (a, z), (g, _) in zip(window, grown, strict=True)]
-        return (np.ascontiguousarray(block[:, inner[0], inner[1]]),)
+        return (np.ascontiguousarray(block[(slice(None), *ranges_within(window, grown))]),)
 
     pseudo_round = project.latest_round if pseudo_round is None else pseudo_round
     use_pseudo = pseudo_round >= 1 and config.pseudo_weight > 0
@@ -499,6 +495,16 @@ def load_training_set(
         cut_from_cache=frozenset(human if len(human) * voxels * 8 <= cache_bytes else ()),
         loaders=(load_image, load_labels),
     )
+
+
+def grown_ranges(ranges, by, sizes) -> list[tuple[int, int]]:
+    """``(first, stop)`` ranges grown by ``by`` on each side, clipped to ``[0, size)``."""
+    return [(max(0, a - b), min(s, z + b)) for (a, z), b, s in zip(ranges, by, sizes, strict=True)]
+
+
+def ranges_within(inner, outer) -> tuple[slice, ...]:
+    """Slices that cut the ``inner`` ranges out of an array covering the ``outer`` ones."""
+    return tuple(slice(a - o, z - o) for (a, z), (o, _) in zip(inner, outer, strict=True))
 
 
 def _cut(window) -> tuple[slice, slice]:
@@ -655,7 +661,8 @@ class TwoStreamSampler:
         self.transform.set_random_state(seed=config.seed)
 
     def _window(self, plane: tuple[int, int]) -> tuple[slice, slice]:
-        """A random in-plane window of the 3D crop's (padded) size, uniform over the plane."""
+        """A random in-plane window of the crop's (padded) size, uniform over the plane
+        (the 3D cubes' and, on a windowed set, every crop's)."""
         side = self.crop_size[-1]
         starts = [int(self.rng.integers(0, max(0, size - side) + 1)) for size in plane]
         return tuple(slice(a, a + side) for a in starts)
@@ -720,6 +727,8 @@ __all__ = [
     "SliceArray",
     "TrainingSet",
     "confident_pseudo_labels",
+    "grown_ranges",
+    "ranges_within",
     "pseudo_label_floors",
     "TwoStreamSampler",
     "load_training_set",

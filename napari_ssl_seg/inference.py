@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from scipy import ndimage as ndi
 
-from napari_ssl_seg.data import normalise, slice_stack, smooth, smoothing_halo
+from napari_ssl_seg.data import (
+    grown_ranges,
+    normalise,
+    ranges_within,
+    slice_stack,
+    smooth,
+    smoothing_halo,
+)
 from napari_ssl_seg.methods.base import SSLMethod
 from napari_ssl_seg.store import Project, RoundWriter
 
@@ -377,15 +384,15 @@ def _predicted_slabs_3d(
         for rows in _slabs(sizes[1], tile):
             for cols in _slabs(sizes[2], tile):
                 out = ((start, stop), rows, cols)  # (first, stop) per axis, slice axis first
-                context = _grown(out, (halo,) * 3, sizes)
-                read = _grown(out, reach, sizes)
+                context = grown_ranges(out, (halo,) * 3, sizes)
+                read = grown_ranges(out, reach, sizes)
                 index = [slice(*read[1]), slice(*read[2])]
                 index.insert(axis, slice(*read[0]))  # the project's axis order
                 block = np.moveaxis(normalise(project.image[tuple(index)], norm), axis, 0)
-                block = smooth(block, smoothing)[_within(context, read)]
+                block = smooth(block, smoothing)[ranges_within(context, read)]
                 x = torch.from_numpy(np.ascontiguousarray(block))[None, None]
                 probs = predict_probabilities(method, x.to(device), tile=96)[0].cpu().numpy()
-                probs = probs[(slice(None), *_within(out, context))]
+                probs = probs[(slice(None), *ranges_within(out, context))]
                 labels[:, slice(*rows), slice(*cols)] = probs.argmax(0)
                 confidence[:, slice(*rows), slice(*cols)] = probs.max(0)
         yield start, stop, labels, confidence
@@ -470,16 +477,6 @@ def majority_vote(
 def _slabs(n: int, size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n, size):
         yield start, min(start + size, n)
-
-
-def _grown(ranges, by, sizes) -> list[tuple[int, int]]:
-    """``(first, stop)`` ranges grown by ``by`` on each side, clipped to ``[0, size)``."""
-    return [(max(0, a - b), min(s, z + b)) for (a, z), b, s in zip(ranges, by, sizes, strict=True)]
-
-
-def _within(inner, outer) -> tuple[slice, ...]:
-    """Slices that cut the ``inner`` ranges out of an array covering the ``outer`` ones."""
-    return tuple(slice(a - o, z - o) for (a, z), (o, _) in zip(inner, outer, strict=True))
 
 
 def _along(axis: int, start: int, stop: int) -> tuple[slice, ...]:
