@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from napari_ssl_seg.data import (
     TwoStreamSampler,
@@ -133,6 +134,31 @@ def test_sampler_batches_from_views(tiny_project, tiny_config):
         labelled, unlabelled = sampler.labelled(), sampler.unlabelled()
         assert labelled.image.shape[0] == 1 and labelled.weight.sum() > 0
         assert unlabelled.target is None and unlabelled.image.shape == labelled.image.shape
+
+
+@pytest.mark.parametrize("mode", ["2d", "3d"])
+def test_plain_tensor_augmentation_equals_metatensor_augmentation(tiny_project, tiny_config, mode):
+    """The sampler augments without MONAI's metadata tracking (for speed): its batches
+    equal, draw for draw, those of the same transforms with tracking on, and the global
+    tracking switch is left as it was."""
+    from monai.data import get_track_meta
+
+    project, _, _ = tiny_project
+    config = tiny_config(mode=mode, patch_size=64 if mode == "3d" else 32, seed=3)
+    fast = TwoStreamSampler(load_training_set(project, config), config)
+    tracked = TwoStreamSampler(load_training_set(project, config), config)
+    tracked._augment = tracked.transform  # MONAI's default: MetaTensors
+    for _ in range(6):
+        pairs = [(fast.labelled(), tracked.labelled())]
+        pairs.append((fast.unlabelled(), tracked.unlabelled()))
+        for a, b in pairs:
+            for field in ("image", "target", "weight"):
+                x, y = getattr(a, field), getattr(b, field)
+                if x is None:
+                    assert y is None
+                else:
+                    assert type(x) is torch.Tensor and torch.equal(x, y)
+    assert get_track_meta()
 
 
 def test_slice_array_rejects_what_it_cannot_index(tiny_project, tiny_config):
