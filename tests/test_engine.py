@@ -230,7 +230,7 @@ def test_auto_picks_diffusion_from_one_slice_and_supervised_from_two(tmp_path, t
     reports = list(_drain(train_round(project, tiny_config(method="auto", iterations=6))))
     record = project.round_record(1)
     assert record["method"] == "diffusion" and record["iterations_done"] == 2  # a third
-    assert record["config"]["settings"] == {"pretrain_iterations": 0}
+    assert record["config"]["settings"] == {"pretrain_iterations": 0, "rounds": 1}
     assert not (project.path / "ssl_seg" / "pretrained").exists()  # no stage 1 ran
     choices = [r["choice"] for r in reports if r.get("choice")]
     assert choices == [record["method_choice"]]
