@@ -7,8 +7,7 @@ the engine (a fresh project in a temporary directory, default settings unless
 ``--iterations``) and the baselines run: ``random-forest`` (ilastik-style, see
 ``baselines.py``) and ``otsu``. ``diffusion-no-stage1`` is ``diffusion`` with
 ``pretrain_iterations=0``, ``diffusion-rounds1`` to ``-rounds3`` the same with 1 to 3
-pseudo-label rounds. Dice is
-scored on the slices no human annotated.
+pseudo-label rounds. Dice is scored on the slices no human annotated.
 
 Each job runs in its own child process, so its peak resident memory is its own
 (``ru_maxrss``, which includes the ~0.3-0.5 GB of Python, torch and MONAI). The full run,
@@ -59,8 +58,8 @@ BASELINES = ("random-forest", "random-forest-vote", "otsu")
 #: Extra rows that are a registered method with some settings changed.
 VARIANT_METHODS = {
     "diffusion-no-stage1": ("diffusion", {"pretrain_iterations": 0}),
-    # Pseudo-label rounds per iteration pinned: 1 (the default until 2026-11-24), 2 (the
-    # default: the top of the methods digest's CPU range) and the paper's 3.
+    # Pseudo-label rounds per iteration pinned: 1 (the earlier default), 2 (the default:
+    # the top of the methods digest's CPU range) and the paper's 3.
     "diffusion-rounds1": ("diffusion", {"pretrain_iterations": 0, "rounds": 1}),
     "diffusion-rounds2": ("diffusion", {"pretrain_iterations": 0, "rounds": 2}),
     "diffusion-rounds3": ("diffusion", {"pretrain_iterations": 0, "rounds": 3}),
