@@ -52,8 +52,8 @@ def test_cycle_loss_trains_mask_pathway_without_labels():
     assert grad_norm(method.teacher["mask"]) > 0
     assert grad_norm(method.teacher["image"]) > 0
     assert grad_norm(method.student) == 0
-    assert method.pretrain_iterations() == 200
-    assert make(pretrain_iterations=0).pretrain_iterations() == 0
+    assert method.pretrain_iterations() == 0  # off by default (see DiffusionSettings)
+    assert make(pretrain_iterations=200).pretrain_iterations() == 200
 
 
 def test_cps_term_alone_trains_both_nets():
