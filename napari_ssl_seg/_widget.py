@@ -69,6 +69,7 @@ PHASES = {
     "pretrain": "pretraining",
     "train": "training",
     "predict": "predicting",
+    "write": "writing",  # 3D mode: voting on the written output, ranking the slices
     "done": "saving",
 }
 

@@ -145,9 +145,9 @@ def train_round(
     Yields
     ------
     dict
-        ``phase`` ("load", "pretrain", "train", "predict", "done"), ``iteration``,
-        ``total``, ``elapsed`` and ``remaining`` seconds, ``losses`` while training, and
-        once ``choice`` (what method "auto" picked and why).
+        ``phase`` ("load", "pretrain", "train", "predict", in 3D mode "write", "done"),
+        ``iteration``, ``total``, ``elapsed`` and ``remaining`` seconds, ``losses`` while
+        training, and once ``choice`` (what method "auto" picked and why).
 
     Returns
     -------

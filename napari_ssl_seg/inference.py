@@ -2,8 +2,9 @@
 
 Slices are read from the project, normalised, predicted (whole, or by MONAI's sliding
 window when larger than ``tile``) and written to the round's arrays before the next slab
-is read, so a volume larger than memory can be predicted. In 3D mode a large volume goes
-through the network in blocks read with a margin of context (:func:`_predicted_slabs_3d`).
+is read, so a volume larger than memory can be predicted. In 3D mode the network's output goes
+into the round's arrays block by block (:func:`_predict_3d_into`), and a second streamed
+pass votes on it and ranks the slices.
 """
 
 from __future__ import annotations
@@ -45,11 +46,16 @@ def slices_per_batch(plane_voxels: int, voxels_per_batch: int | None = None) -> 
     return max(1, min(32, voxels // max(1, plane_voxels)))
 
 
-#: 3D mode: voxels of one predicted slab of slices (its labels and confidence take 6 bytes
-#: a voxel). A volume this small (the 60 x 256 x 256 sample) is predicted in one piece.
-VOXELS_PER_3D_SLAB = 2**24
+#: 3D mode: voxels a block reads through the network (what it predicts plus
+#: :data:`HALO_3D` of context on every side). A volume this small (the 60 x 256 x 256
+#: sample) goes through whole.
+VOXELS_PER_3D_BLOCK = 2**24
 #: 3D mode: voxels of context a block reads beyond those it predicts, on every side.
 HALO_3D = 16
+#: 3D mode: in-plane side of the blocks of a larger volume. Narrow columns let a block
+#: run deep, so its context is a small share of what it reads: blocks of 4 whole 2048^2
+#: slices (the layout before) read 36 slices to predict 4, 9x the network's work.
+TILE_3D = 256
 
 
 def _pad_to(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -269,33 +275,49 @@ def predict_into_round(
     ``vote_window`` (slices, rows, columns; odd) applies :func:`majority_vote` to the
     predicted labels before they are written; (1, 1, 1) writes the network's argmax.
 
+    Yields ``predict`` progress (slices done, of ``n_slices``); in 3D mode, where the
+    network's output is written block by block first, then ``write`` progress of the
+    pass that votes on it and scores the slices.
+
     Returns (as the generator's value) the per-slice uncertainty score: the mean of
     1 - confidence over the slice's voxels that no human labelled (NaN for slices that
     humans fully labelled).
     """
     axis, n = project.axis, project.n_slices
     scores = np.full(n, np.nan, np.float64)
-    slabs = _predicted_slabs(
-        project,
-        method,
-        norm=norm,
-        mode=mode,
-        device=device,
-        background_bias=background_bias,
-        smoothing=smoothing,
-        voxels_per_batch=voxels_per_batch,
-    )
-    if any(w > 1 for w in vote_window):
+    voting = any(w > 1 for w in vote_window)
+    if mode == "3d":
+        yield from _predict_3d_into(
+            project, method, writer, norm=norm, device=device, smoothing=smoothing
+        )
+        # The second pass reads the written output back slab by slab: the vote sees
+        # unvoted slices only (it holds its context itself), and it writes a slab only
+        # after reading past it.
+        slabs, phase, rewrite = _stored_slabs(project, writer), "write", voting
+    else:
+        slabs = _predicted_slabs(
+            project,
+            method,
+            norm=norm,
+            mode=mode,
+            device=device,
+            background_bias=background_bias,
+            smoothing=smoothing,
+            voxels_per_batch=voxels_per_batch,
+        )
+        phase, rewrite = "predict", True
+    if voting:
         slabs = majority_vote(slabs, n, vote_window, num_classes=method.num_classes)
     for start, stop, labels, confidence in slabs:
         index = _along(axis, start, stop)
-        writer.write(index, np.moveaxis(labels, 0, axis), np.moveaxis(confidence, 0, axis))
+        if rewrite:
+            writer.write(index, np.moveaxis(labels, 0, axis), np.moveaxis(confidence, 0, axis))
         human = np.moveaxis(project.human_mask(index), axis, 0)
         for j in range(stop - start):
             free = ~human[j]
             if free.any():
                 scores[start + j] = float((1.0 - confidence[j][free]).mean())
-        yield {"phase": "predict", "iteration": stop, "total": n}
+        yield {"phase": phase, "iteration": stop, "total": n}
     return scores
 
 
@@ -313,16 +335,11 @@ def _predicted_slabs(
     smoothing: tuple[float, float],
     voxels_per_batch: int,
 ) -> Iterator[Slab]:
-    """``(start, stop, labels, confidence)`` per slab of slices, in order.
+    """2D/2.5D ``(start, stop, labels, confidence)`` per slab of slices, in order.
 
     ``labels`` is (stop - start, H, W) uint16 (the argmax), ``confidence`` the same shape
     float32 (the max class probability); slice axis first.
     """
-    if mode == "3d":
-        yield from _predicted_slabs_3d(
-            project, method, norm=norm, device=device, smoothing=smoothing
-        )
-        return
     axis, n = project.axis, project.n_slices
     per_batch = slices_per_batch(int(np.prod(project.shape)) // n, voxels_per_batch)
     # One neighbour each side for 2.5D input (none in 2D: a 2048^2 slice's neighbours are
@@ -342,60 +359,96 @@ def _predicted_slabs(
         yield start, stop, probs.argmax(0).astype(np.uint16), probs.max(0).astype(np.float32)
 
 
-def _predicted_slabs_3d(
+def _blocks_3d(
+    sizes: tuple[int, int, int], voxels: int, halo: int
+) -> list[tuple[tuple[int, int], ...]]:
+    """The 3D blocks (``(start, stop)`` along slices, rows, columns) covering ``sizes``.
+
+    One block when the volume holds at most ``voxels`` voxels; otherwise columns of at
+    most :data:`TILE_3D` in-plane, as deep as a read of ``voxels`` (the block with its
+    ``halo`` on every side) allows.
+    """
+    n, h, w = sizes
+    if n * h * w <= voxels:
+        return [((0, n), (0, h), (0, w))]
+    tile = TILE_3D
+    across = (min(tile, h) + 2 * halo) * (min(tile, w) + 2 * halo)
+    depth = max(1, voxels // across - 2 * halo)
+    return [
+        (slab, rows, cols)
+        for slab in _slabs(n, depth)
+        for rows in _slabs(h, tile)
+        for cols in _slabs(w, tile)
+    ]
+
+
+def _predict_3d_into(
     project: Project,
     method: SSLMethod,
+    writer: RoundWriter,
     *,
     norm: tuple[float, float],
     device: torch.device,
     smoothing: tuple[float, float],
-    voxels_per_slab: int | None = None,
+    blocks: list[tuple[tuple[int, int], ...]] | None = None,
     halo: int | None = None,
-) -> Iterator[Slab]:
-    """3D-mode ``(start, stop, labels, confidence)`` slabs, predicted block by block.
+) -> Iterator[dict]:
+    """3D mode: write the network's labels and confidence of every voxel into ``writer``.
 
-    A volume of at most ``voxels_per_slab`` (default :data:`VOXELS_PER_3D_SLAB`) voxels
-    goes through MONAI's sliding window whole. A larger one is cut into slabs of slices
-    holding about that many voxels, and each slab in-plane into tiles of at most
-    :data:`TILE`; every such block is read with ``halo`` (default :data:`HALO_3D`) voxels
-    of context on each side (clipped at the volume's edges) plus the smoothing's halo,
-    smoothed, predicted by the sliding window and cropped back. Memory then holds one
-    block's input and probabilities and one slab's labels and confidence whatever the
-    volume's size (whole, the probabilities alone take 4 bytes a voxel per class).
+    Each block (default: :func:`_blocks_3d` with :data:`VOXELS_PER_3D_BLOCK`; ``(start,
+    stop)`` along slices, rows, columns, covering the volume once) is read with ``halo``
+    (default :data:`HALO_3D`) voxels of context on each side (clipped at the volume's
+    edges) plus the smoothing's halo, smoothed, predicted by MONAI's sliding window,
+    cropped back and written to the round's arrays at once. Memory holds one block
+    whatever the volume's size, and no voxel is predicted twice but for the context.
+    Yields ``predict`` progress (slices' worth of voxels done, of ``n_slices``).
     """
-    voxels_per_slab = VOXELS_PER_3D_SLAB if voxels_per_slab is None else voxels_per_slab
     halo = HALO_3D if halo is None else halo
     axis, n = project.axis, project.n_slices
     sizes = (n, *(s for i, s in enumerate(project.shape) if i != axis))  # slice axis first
-    plane = sizes[1] * sizes[2]
-    if n * plane <= voxels_per_slab:
-        depth, tile = n, max(sizes[1:])  # one block: the whole volume
-    else:
-        depth, tile = max(1, voxels_per_slab // plane), TILE
     # Beyond the context, the smoothing's own halo (across slices, in-plane): every voxel
     # the network sees is then the whole volume's smoothed voxel.
     reach = (
         halo + smoothing_halo(smoothing),
         *[halo + smoothing_halo((smoothing[1], 0.0))] * 2,
     )
-    for start, stop in _slabs(n, depth):
-        labels = np.empty((stop - start, *sizes[1:]), np.uint16)
-        confidence = np.empty((stop - start, *sizes[1:]), np.float32)
-        for rows in _slabs(sizes[1], tile):
-            for cols in _slabs(sizes[2], tile):
-                out = ((start, stop), rows, cols)  # (first, stop) per axis, slice axis first
-                context = grown_ranges(out, (halo,) * 3, sizes)
-                read = grown_ranges(out, reach, sizes)
-                index = [slice(*read[1]), slice(*read[2])]
-                index.insert(axis, slice(*read[0]))  # the project's axis order
-                block = np.moveaxis(normalise(project.image[tuple(index)], norm), axis, 0)
-                block = smooth(block, smoothing)[ranges_within(context, read)]
-                x = torch.from_numpy(np.ascontiguousarray(block))[None, None]
-                probs = predict_probabilities(method, x.to(device), tile=96)[0].cpu().numpy()
-                probs = probs[(slice(None), *ranges_within(out, context))]
-                labels[:, slice(*rows), slice(*cols)] = probs.argmax(0)
-                confidence[:, slice(*rows), slice(*cols)] = probs.max(0)
-        yield start, stop, labels, confidence
+    blocks = _blocks_3d(sizes, VOXELS_PER_3D_BLOCK, halo) if blocks is None else blocks
+    done, total = 0, int(np.prod(sizes))
+    for out in blocks:
+        context = grown_ranges(out, (halo,) * 3, sizes)
+        read = grown_ranges(out, reach, sizes)
+        block = np.moveaxis(normalise(project.image[_project_index(axis, read)], norm), axis, 0)
+        block = smooth(block, smoothing)[ranges_within(context, read)]
+        x = torch.from_numpy(np.ascontiguousarray(block))[None, None]
+        probs = predict_probabilities(method, x.to(device), tile=96)[0].cpu().numpy()
+        probs = probs[(slice(None), *ranges_within(out, context))]
+        writer.write(
+            _project_index(axis, out),
+            np.moveaxis(probs.argmax(0).astype(np.uint16), 0, axis),
+            np.moveaxis(probs.max(0).astype(np.float32), 0, axis),
+        )
+        done += int(np.prod([b - a for a, b in out]))
+        yield {"phase": "predict", "iteration": n * done // total, "total": n}
+
+
+def _stored_slabs(project: Project, writer: RoundWriter) -> Iterator[Slab]:
+    """The round's labels and confidence as written so far, slab by slab, slice axis first."""
+    axis, n = project.axis, project.n_slices
+    for start, stop in _slabs(n, slices_per_batch(int(np.prod(project.shape)) // n)):
+        index = _along(axis, start, stop)
+        yield (
+            start,
+            stop,
+            np.moveaxis(np.asarray(writer.pseudo[index]), axis, 0),
+            np.moveaxis(np.asarray(writer.confidence[index]), axis, 0),
+        )
+
+
+def _project_index(axis: int, ranges: list | tuple) -> tuple[slice, ...]:
+    """Index in the project's axis order of ``(start, stop)`` ranges given slice axis first."""
+    index = [slice(*ranges[1]), slice(*ranges[2])]
+    index.insert(axis, slice(*ranges[0]))
+    return tuple(index)
 
 
 def vote_volume(labels: np.ndarray, window: tuple[int, int, int], *, num_classes: int):

@@ -212,8 +212,10 @@ def test_3d_round_on_a_volume_larger_than_one_slab(tiny_project, tiny_config, mo
     from napari_ssl_seg import inference
 
     project, _, _ = tiny_project
-    monkeypatch.setattr(inference, "VOXELS_PER_3D_SLAB", 2 * 32 * 32)  # 2-slice slabs
-    monkeypatch.setattr(inference, "TILE", 16)  # 2 x 2 in-plane blocks
+    # Reads of (2 + 2 * 2) x 20 x 20 voxels: blocks 2 slices deep, 2 x 2 in-plane.
+    monkeypatch.setattr(inference, "VOXELS_PER_3D_BLOCK", 6 * 20 * 20)
+    monkeypatch.setattr(inference, "HALO_3D", 2)
+    monkeypatch.setattr(inference, "TILE_3D", 16)
     record = run_round(project, tiny_config(mode="3d", iterations=2))
     confidence = np.asarray(project.confidence(1)[...])
     assert record["config"]["mode"] == "3d" and confidence.shape == project.shape

@@ -297,64 +297,94 @@ class _VoxelwiseMethod(SSLMethod):
         return self.conv(image).softmax(1)
 
 
-def _slabs_3d(project, method, **kw):
-    from napari_ssl_seg.inference import _predicted_slabs_3d
+def _predict_3d(project, method, blocks=None, **kw):
+    """The 3D-mode output written into a new round: (labels, confidence)."""
+    from napari_ssl_seg.inference import _predict_3d_into
 
     image = np.asarray(project.image[...])
-    slabs = list(
-        _predicted_slabs_3d(
+    writer = project.begin_round()
+    reports = list(
+        _predict_3d_into(
             project,
             method,
+            writer,
             norm=(float(image.min()), float(image.max())),
             device=torch.device("cpu"),
             smoothing=(1.3, 0.8),
+            blocks=blocks,
             **kw,
         )
     )
-    starts = [s[0] for s in slabs]
-    assert starts == sorted(starts) and slabs[-1][1] == project.n_slices
-    return slabs, np.concatenate([s[2] for s in slabs]), np.concatenate([s[3] for s in slabs])
+    n = project.n_slices
+    assert reports[-1] == {"phase": "predict", "iteration": n, "total": n}
+    assert len(reports) == (1 if blocks is None else len(blocks))  # one report a block
+    return np.asarray(writer.pseudo[...]), np.asarray(writer.confidence[...])
+
+
+def _columns(sizes, depth, tile):
+    """Blocks ``depth`` slices deep and ``tile`` wide in-plane covering ``sizes``."""
+    from napari_ssl_seg.inference import _slabs
+
+    n, h, w = sizes
+    return [(z, y, x) for z in _slabs(n, depth) for y in _slabs(h, tile) for x in _slabs(w, tile)]
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-def test_3d_prediction_block_by_block_equals_the_whole_volume(tmp_path, monkeypatch, axis):
-    """A volume larger than one slab goes through the network in small blocks (bounded
+def test_3d_prediction_block_by_block_equals_the_whole_volume(tmp_path, axis):
+    """A volume larger than one block goes through the network in small blocks (bounded
     memory), with the smoothing computed exactly as on the whole volume."""
     from conftest import disks_volume
 
-    from napari_ssl_seg import inference
     from napari_ssl_seg.store import Project
 
     image, _ = disks_volume(shape=(10, 40, 36))
     project = Project.create(tmp_path / "p.zarr", image, axis=axis)
     method = _VoxelwiseMethod()
-    whole_slabs, whole_labels, whole_confidence = _slabs_3d(project, method)
-    assert len(whole_slabs) == 1  # small enough to go whole
+    whole_labels, whole_confidence = _predict_3d(project, method)  # small: one block
     assert 0 < whole_labels.mean() < 1  # both classes present
+    assert (whole_confidence >= 0.5).all()  # every voxel written (2 classes)
 
-    monkeypatch.setattr(inference, "TILE", 16)  # in-plane blocks of at most 16 x 16
-    plane = int(np.prod(project.shape)) // project.n_slices
-    slabs, labels, confidence = _slabs_3d(project, method, voxels_per_slab=3 * plane, halo=2)
-    assert [s[1] - s[0] for s in slabs] == [3] * (project.n_slices // 3) + (
-        [project.n_slices % 3] if project.n_slices % 3 else []
-    )
+    sizes = (project.n_slices, *(s for i, s in enumerate(project.shape) if i != axis))
+    blocks = _columns(sizes, 3, 16)
+    labels, confidence = _predict_3d(project, method, blocks, halo=2)
     np.testing.assert_array_equal(labels, whole_labels)
     np.testing.assert_allclose(confidence, whole_confidence, atol=1e-6)
 
 
-def test_3d_prediction_blocks_with_a_real_network(tmp_path, tiny_config, monkeypatch):
+def test_3d_prediction_blocks_with_a_real_network(tmp_path, tiny_config):
     """A trained-size 3D UNet, blocks whose context covers the volume: the same output."""
     from conftest import disks_volume
 
-    from napari_ssl_seg import inference
     from napari_ssl_seg.store import Project
 
     image, _ = disks_volume(shape=(8, 32, 32))
     project = Project.create(tmp_path / "p.zarr", image)
     method = _method(tiny_config, mode="3d")
-    _, whole_labels, whole_confidence = _slabs_3d(project, method)
-    monkeypatch.setattr(inference, "TILE", 16)
-    slabs, labels, confidence = _slabs_3d(project, method, voxels_per_slab=2 * 32 * 32, halo=32)
-    assert len(slabs) == 4
+    whole_labels, whole_confidence = _predict_3d(project, method)
+    labels, confidence = _predict_3d(project, method, _columns((8, 32, 32), 2, 16), halo=32)
     np.testing.assert_array_equal(labels, whole_labels)
     np.testing.assert_allclose(confidence, whole_confidence, atol=1e-5)
+
+
+def test_3d_blocks_run_deep_in_narrow_columns():
+    """On a big volume the context is a small share of what the blocks read (the old
+    layout, 4 whole 2048^2 slices a block, read 9x what it predicted); a small volume
+    goes whole."""
+    from napari_ssl_seg.data import grown_ranges
+    from napari_ssl_seg.inference import HALO_3D, VOXELS_PER_3D_BLOCK, _blocks_3d
+
+    sizes = (256, 2048, 2048)
+    blocks = _blocks_3d(sizes, VOXELS_PER_3D_BLOCK, HALO_3D)
+    predicted = np.zeros((256, 16, 16), np.int64)  # per slice, per 128 x 128 square
+    read = 0
+    for block in blocks:
+        (z0, z1), (y0, y1), (x0, x1) = block
+        predicted[z0:z1, y0 // 128 : y1 // 128, x0 // 128 : x1 // 128] += 1
+        reads = grown_ranges(block, (HALO_3D,) * 3, sizes)
+        voxels = int(np.prod([b - a for a, b in reads]))
+        assert voxels <= VOXELS_PER_3D_BLOCK
+        read += voxels
+    assert (predicted == 1).all()  # every voxel predicted once
+    assert read / np.prod(sizes) < 1.8
+    whole = [((0, 60), (0, 256), (0, 256))]
+    assert _blocks_3d((60, 256, 256), VOXELS_PER_3D_BLOCK, HALO_3D) == whole
