@@ -388,3 +388,45 @@ def test_3d_blocks_run_deep_in_narrow_columns():
     assert read / np.prod(sizes) < 1.8
     whole = [((0, 60), (0, 256), (0, 256))]
     assert _blocks_3d((60, 256, 256), VOXELS_PER_3D_BLOCK, HALO_3D) == whole
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_3d_second_pass_votes_on_the_unvoted_output(tmp_path, monkeypatch, axis):
+    """The vote rewrites the round's arrays in place, slab by slab: each slice must be
+    voted from its neighbours' network output, never from already voted neighbours."""
+    from conftest import disks_volume
+
+    from napari_ssl_seg import inference
+    from napari_ssl_seg.inference import predict_into_round, vote_volume
+    from napari_ssl_seg.store import Project
+
+    image, _ = disks_volume(shape=(10, 40, 36))
+    project = Project.create(tmp_path / "p.zarr", image, axis=axis)
+    method = _VoxelwiseMethod()
+    raw, _ = _predict_3d(project, method)  # the network's output, unvoted
+    raw = np.moveaxis(raw, axis, 0)
+
+    monkeypatch.setattr(inference, "VOXELS_PER_BATCH", 1)  # the second pass: 1-slice slabs
+    window = (3, 5, 5)
+    image_norm = (float(image.min()), float(image.max()))
+    writer = project.begin_round()
+    phases = [
+        (r["phase"], r["iteration"])
+        for r in predict_into_round(
+            project,
+            method,
+            writer,
+            norm=image_norm,
+            mode="3d",
+            device=torch.device("cpu"),
+            smoothing=(1.3, 0.8),
+            vote_window=window,
+        )
+    ]
+    n = project.n_slices
+    assert phases[0] == ("predict", n) and phases[-1] == ("write", n)
+    assert len(phases) == 1 + n - window[0] // 2  # the vote's first slab waits for context
+    voted = np.moveaxis(np.asarray(writer.pseudo[...]), axis, 0)
+    expected = vote_volume(raw, window, num_classes=2)
+    assert not np.array_equal(expected, raw)  # the vote changed something
+    np.testing.assert_array_equal(voted, expected)
