@@ -9,6 +9,7 @@ pass votes on it and ranks the slices.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -30,6 +31,14 @@ from napari_ssl_seg.store import Project, RoundWriter
 
 #: Slices with a side above this are predicted tile by tile (MONAI's sliding window).
 TILE = 512
+#: Slice-wise tiles overlap by at least this many pixels, and are laid out so that no
+#: more tiles than that needs are predicted (:func:`tile_layout`). MONAI's fixed overlap
+#: of 0.25 predicted a 1024^2 slice in 3 x 3 tiles of 512^2 (2.25x its voxels). Measured
+#: (2 cores, supervised on the sample, 4 slices mirrored out; share of voxels labelled
+#: as the whole slice predicted in one piece labels them; Dice against the truth):
+#: 768^2 noisy 3.57 -> 2.09 s (agreement 0.99996 -> 0.99980), 1024^2 9.55 -> 5.89 s
+#: (0.99984 -> 0.99977), 2048^2 29.5 -> 22.3 s (0.99988 -> 0.99977), Dice within 0.0002.
+TILE_MARGIN = 64
 #: Voxels a slice-wise prediction batch holds: one tile's worth, so smaller slices never
 #: take more memory through the network than one tile of a large slice does. Measured
 #: (2 cores, untrained supervised net): 2**20 voxels (16 slices of 256^2, 4 of 512^2)
@@ -68,9 +77,30 @@ def _pad_to(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ..
     return F.pad(x, pads, mode="replicate") if any(pads) else x, tuple(spatial)
 
 
+def tile_layout(size: int, tile: int, margin: int) -> tuple[int, float]:
+    """Window side and MONAI overlap that cover ``size`` pixels with the fewest windows
+    of at most ``tile`` (a multiple of 16) overlapping by at least ``margin``.
+
+    Returns ``(size, 0.0)`` when ``size`` fits one window. ``margin`` is capped at half
+    of ``tile``.
+    """
+    if size <= tile:
+        return size, 0.0
+    margin = min(margin, tile // 2)
+    count = math.ceil((size - margin) / (tile - margin))
+    side = min(tile, math.ceil(math.ceil((size + (count - 1) * margin) / count) / 16) * 16)
+    step = math.ceil((size - side) / (count - 1))
+    # MONAI's step is int(side * (1 - overlap)): half a pixel of slack against rounding.
+    return side, 1.0 - (step + 0.5) / side
+
+
 @torch.no_grad()
 def predict_probabilities(
-    method: SSLMethod, image: torch.Tensor, *, tile: int = TILE, overlap: float = 0.25
+    method: SSLMethod,
+    image: torch.Tensor,
+    *,
+    tile: int = TILE,
+    margin: int | None = TILE_MARGIN,
 ) -> torch.Tensor:
     """Class probabilities of a batch of slices or volumes.
 
@@ -79,7 +109,10 @@ def predict_probabilities(
     image : (B, C, H, W) or (B, C, D, H, W) float32 tensor
     tile : int
         Inputs with a side larger than this are predicted by a Gaussian-blended sliding
-        window of this size (memory stays bounded on large slices).
+        window of at most this size (memory stays bounded on large slices).
+    margin : int or None
+        Least overlap of the windows, in pixels (:func:`tile_layout`); None: windows of
+        ``tile`` overlapping by a quarter of it, as MONAI lays them out (3D mode).
 
     Returns
     -------
@@ -87,8 +120,12 @@ def predict_probabilities(
     """
     method.eval()
     if max(image.shape[2:]) > tile:
-        roi = tuple(min(tile, s) for s in image.shape[2:])
-        roi = tuple(max(16, r // 16 * 16) for r in roi)
+        if margin is None:
+            roi = tuple(max(16, min(tile, s) // 16 * 16) for s in image.shape[2:])
+            overlap: list[float] | float = 0.25
+        else:
+            layouts = [tile_layout(s, tile, margin) for s in image.shape[2:]]
+            roi, overlap = tuple(side for side, _ in layouts), [o for _, o in layouts]
 
         def predictor(x: torch.Tensor) -> torch.Tensor:
             padded, size = _pad_to(x, 16)
@@ -420,7 +457,8 @@ def _predict_3d_into(
         block = np.moveaxis(normalise(project.image[_project_index(axis, read)], norm), axis, 0)
         block = smooth(block, smoothing)[ranges_within(context, read)]
         x = torch.from_numpy(np.ascontiguousarray(block))[None, None]
-        probs = predict_probabilities(method, x.to(device), tile=96)[0].cpu().numpy()
+        probs = predict_probabilities(method, x.to(device), tile=96, margin=None)[0]
+        probs = probs.cpu().numpy()
         probs = probs[(slice(None), *ranges_within(out, context))]
         writer.write(
             _project_index(axis, out),

@@ -139,6 +139,33 @@ def test_sliding_window_for_large_slices(tiny_config):
     assert torch.allclose(tiled.sum(1), torch.ones(1, 80, 72), atol=1e-4)
 
 
+@pytest.mark.parametrize("tile, margin", [(512, 64), (96, 12), (32, 64)])
+def test_tile_layout_covers_with_the_fewest_overlapping_windows(tile, margin):
+    """Laid out by MONAI's own sliding-window code, the windows start at 0, end at the
+    edge, overlap by at least the margin, and are as few as windows of at most ``tile``
+    overlapping by the margin can be (MONAI's 0.25 overlap put 3 x 3 windows of 512 on a
+    1024^2 slice)."""
+    import itertools
+    import math
+
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    from napari_ssl_seg.inference import tile_layout
+
+    margin = min(margin, tile // 2)
+    assert tile_layout(tile, tile, margin) == (tile, 0.0)
+    for size in range(tile + 1, 6 * tile):
+        side, overlap = tile_layout(size, tile, margin)
+        step = _get_scan_interval([size], [side], 1, [overlap])[0]
+        starts = [index[0].start for index in dense_patch_slices([size], [side], [step])]
+        assert side <= tile and side % 16 == 0
+        assert starts[0] == 0 and starts[-1] + side == size
+        assert min(a + side - b for a, b in itertools.pairwise(starts)) >= margin
+        assert len(starts) == math.ceil((size - margin) / (tile - margin))
+    assert tile_layout(1024, 512, 64)[0] == 384  # 3 windows of 384 (9 of 384^2 a slice)
+
+
 def test_recalibration_averages_the_batches(tiny_config):
     method = _method(tiny_config)
     batches = [torch.rand(2, 1, 32, 32) + 5.0 for _ in range(3)]
