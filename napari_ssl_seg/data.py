@@ -414,15 +414,10 @@ def load_training_set(
     halo = smoothing_halo(smoothing)
 
     plane_halo = smoothing_halo((smoothing[1], 0.0))
-    plane_axes = [a for a in range(3) if a != axis]
 
     def read(array, lo: int, hi: int, window=None) -> np.ndarray:
         """Slices lo..hi-1 of ``array``, slice axis first, cut to ``window`` if given."""
-        index = list(_slab_index(axis, lo, hi))
-        if window is not None:
-            for a, (start, stop) in zip(plane_axes, window, strict=True):
-                index[a] = slice(start, stop)
-        return np.moveaxis(np.asarray(array[tuple(index)]), axis, 0)
+        return np.moveaxis(np.asarray(array[slab_index(axis, lo, hi, window)]), axis, 0)
 
     def load_image(lo: int, hi: int, window=None) -> tuple[np.ndarray]:
         first, last = max(0, lo - halo), min(n, hi + halo)
@@ -517,9 +512,14 @@ def _window_shape(plane: tuple[int, int], window) -> tuple[int, int]:
     return tuple(plane) if window is None else tuple(z - a for a, z in window)
 
 
-def _slab_index(axis: int, lo: int, hi: int) -> tuple[slice, ...]:
+def slab_index(axis: int, lo: int, hi: int, window=None) -> tuple[slice, ...]:
+    """Index, in the project's axis order, of slices ``lo..hi-1`` along ``axis``, cut
+    in-plane to ``window`` ((start, stop) per remaining axis, in order; None = whole)."""
     index = [slice(None)] * 3
     index[axis] = slice(lo, hi)
+    if window is not None:
+        for a, (start, stop) in zip([a for a in range(3) if a != axis], window, strict=True):
+            index[a] = slice(start, stop)
     return tuple(index)
 
 

@@ -22,6 +22,7 @@ from napari_ssl_seg.data import (
     grown_ranges,
     normalise,
     ranges_within,
+    slab_index,
     slice_stack,
     smooth,
     smoothing_halo,
@@ -346,7 +347,7 @@ def predict_into_round(
     if voting:
         slabs = majority_vote(slabs, n, vote_window, num_classes=method.num_classes)
     for start, stop, labels, confidence in slabs:
-        index = _along(axis, start, stop)
+        index = slab_index(axis, start, stop)
         if rewrite:
             writer.write(index, np.moveaxis(labels, 0, axis), np.moveaxis(confidence, 0, axis))
         human = np.moveaxis(project.human_mask(index), axis, 0)
@@ -387,7 +388,7 @@ def _predicted_slabs(
         lo, hi = max(0, start - context), min(n, stop + context)
         read_lo, read_hi = max(0, lo - halo), min(n, hi + halo)
         block = np.moveaxis(
-            normalise(project.image[_along(axis, read_lo, read_hi)], norm), axis, 0
+            normalise(project.image[slab_index(axis, read_lo, read_hi)], norm), axis, 0
         )
         block = smooth(block, smoothing, slice(lo - read_lo, hi - read_lo))
         x = torch.from_numpy(slice_stack(block, np.arange(start - lo, stop - lo), mode))
@@ -454,14 +455,16 @@ def _predict_3d_into(
     for out in blocks:
         context = grown_ranges(out, (halo,) * 3, sizes)
         read = grown_ranges(out, reach, sizes)
-        block = np.moveaxis(normalise(project.image[_project_index(axis, read)], norm), axis, 0)
+        block = np.moveaxis(
+            normalise(project.image[slab_index(axis, *read[0], read[1:])], norm), axis, 0
+        )
         block = smooth(block, smoothing)[ranges_within(context, read)]
         x = torch.from_numpy(np.ascontiguousarray(block))[None, None]
         probs = predict_probabilities(method, x.to(device), tile=96, margin=None)[0]
         probs = probs.cpu().numpy()
         probs = probs[(slice(None), *ranges_within(out, context))]
         writer.write(
-            _project_index(axis, out),
+            slab_index(axis, *out[0], out[1:]),
             np.moveaxis(probs.argmax(0).astype(np.uint16), 0, axis),
             np.moveaxis(probs.max(0).astype(np.float32), 0, axis),
         )
@@ -473,20 +476,13 @@ def _stored_slabs(project: Project, writer: RoundWriter) -> Iterator[Slab]:
     """The round's labels and confidence as written so far, slab by slab, slice axis first."""
     axis, n = project.axis, project.n_slices
     for start, stop in _slabs(n, slices_per_batch(int(np.prod(project.shape)) // n)):
-        index = _along(axis, start, stop)
+        index = slab_index(axis, start, stop)
         yield (
             start,
             stop,
             np.moveaxis(np.asarray(writer.pseudo[index]), axis, 0),
             np.moveaxis(np.asarray(writer.confidence[index]), axis, 0),
         )
-
-
-def _project_index(axis: int, ranges: list | tuple) -> tuple[slice, ...]:
-    """Index in the project's axis order of ``(start, stop)`` ranges given slice axis first."""
-    index = [slice(*ranges[1]), slice(*ranges[2])]
-    index.insert(axis, slice(*ranges[0]))
-    return tuple(index)
 
 
 def vote_volume(labels: np.ndarray, window: tuple[int, int, int], *, num_classes: int):
@@ -568,12 +564,6 @@ def majority_vote(
 def _slabs(n: int, size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n, size):
         yield start, min(start + size, n)
-
-
-def _along(axis: int, start: int, stop: int) -> tuple[slice, ...]:
-    index = [slice(None)] * 3
-    index[axis] = slice(start, stop)
-    return tuple(index)
 
 
 def rank_slices(scores: np.ndarray, top: int = 10, *, min_gap: int = 3) -> list[dict]:
