@@ -28,6 +28,7 @@ from napari_ssl_seg.data import TwoStreamSampler, load_training_set, slice_stack
 from napari_ssl_seg.engine import (
     build_method,
     calibrate_after_training,
+    clip_gradients,
     seed_everything,
     vote_window,
 )
@@ -110,6 +111,7 @@ def main(argv=None) -> None:
         loss, _ = method.training_loss(sampler.labelled().to(device), unlabelled, step)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
+        clip_gradients(params, config.clip_grad_norm)
         optimiser.step()
         schedule.step()
         method.after_step(step)

@@ -210,6 +210,7 @@ def train_round(
         loss, losses = method.training_loss(labelled, unlabelled, step)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
+        clip_gradients(params, config.clip_grad_norm)
         optimiser.step()
         schedule.step()
         method.after_step(step)
@@ -362,6 +363,16 @@ def _same_layout(saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor
     return saved.keys() == current.keys() and all(
         tuple(saved[k].shape) == tuple(current[k].shape) for k in current
     )
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """Scale the gradients of ``params`` to a global norm of at most ``max_norm`` (0: off).
+
+    Without normalisation layers one odd batch can blow the logits up (see
+    ``TrainConfig.clip_grad_norm``); clipping keeps that step as small as the others.
+    """
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def calibrate_after_training(

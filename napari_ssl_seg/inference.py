@@ -188,6 +188,8 @@ def recalibrate_batchnorm(method: SSLMethod, batches: Iterable[torch.Tensor]) ->
             module.momentum = None  # cumulative average over the recalibration batches
 
     norms = [m for m in method.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:  # nothing to recalibrate: do not draw (or run) the batches at all
+        return 0
     hooks = [m.register_forward_pre_hook(reset_on_first_call) for m in norms]
     was_training = method.training
     method.train()

@@ -22,12 +22,15 @@ from napari_ssl_seg.methods.base import NetworkConfig
 
 __all__ = ["build_unet", "DualHeadUNet", "ema_update", "predict_softmax", "check_image"]
 
-NORMS = ("batch", "instance", "group")
+NORMS = ("batch", "instance", "group", "none")
 
 
-def _norm_layer(network: NetworkConfig) -> tuple[str, dict]:
-    """MONAI norm spec for ``network.norm`` (affine everywhere; BasicUNet defaults to instance)."""
+def _norm_layer(network: NetworkConfig) -> tuple[str, dict] | None:
+    """MONAI norm spec for ``network.norm`` (affine everywhere; BasicUNet defaults to
+    instance); None for "none" (plain convolutions with biases)."""
     name = look_up_option(network.norm, NORMS)
+    if name == "none":
+        return None
     if name == "group":
         # Groups must divide every level's width; 8 or fewer as in common GroupNorm setups.
         return ("group", {"num_groups": math.gcd(8, *network.features), "affine": True})
@@ -45,7 +48,8 @@ def build_unet(
     in_channels, out_channels : int
         Input channels (1 for 2D, 3 for 2.5D) and output logits.
     network : NetworkConfig
-        ``features`` (6 ints), ``norm`` ("batch", "instance" or "group") and ``dropout``.
+        ``features`` (6 ints), ``norm`` ("none", "batch", "instance" or "group") and
+        ``dropout``.
 
     Returns
     -------

@@ -167,12 +167,24 @@ def test_tile_layout_covers_with_the_fewest_overlapping_windows(tile, margin):
 
 
 def test_recalibration_averages_the_batches(tiny_config):
-    method = _method(tiny_config)
+    method = _method(tiny_config, norm="batch")
     batches = [torch.rand(2, 1, 32, 32) + 5.0 for _ in range(3)]
     n = recalibrate_batchnorm(method, batches)
     first = next(m for m in method.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert n > 0 and first.momentum == 0.1  # momentum restored
     assert first.running_mean.abs().sum() > 0 and first.num_batches_tracked == 3
+
+
+def test_recalibration_without_batch_norm_draws_no_batch(tiny_config):
+    drawn = []
+
+    def batches():
+        while True:
+            drawn.append(1)
+            yield torch.rand(2, 1, 32, 32)
+
+    assert recalibrate_batchnorm(_method(tiny_config, norm="none"), batches()) == 0
+    assert not drawn
 
 
 def test_rank_slices_skips_fully_human_slices():

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from napari_ssl_seg.config import TrainConfig
 from napari_ssl_seg.methods import NetworkConfig
 from napari_ssl_seg.models import DualHeadUNet, build_unet, ema_update, predict_softmax
 
@@ -30,10 +31,28 @@ def test_build_unet_norms(norm, layer):
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 4, 32, 32)
 
 
-def test_build_unet_default_is_batch_norm():
+def test_build_unet_without_norm_has_no_norm_layers():
+    net = build_unet(
+        spatial_dims=2, in_channels=1, out_channels=2, network=NetworkConfig(norm="none")
+    )
+    norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
+    assert not any(isinstance(m, norms) for m in net.modules())
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c.bias is not None for c in convs)  # biases stand in for the norms'
+    # Eval and train mode give the same output: nothing depends on the batch.
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        net.train()
+        first = net(x)
+        net.eval()
+        assert torch.allclose(first, net(x))
+        assert torch.allclose(net(x[:1]), first[:1], atol=1e-5)
+
+
+def test_build_unet_default_has_no_norm_layers():
     net = build_unet(spatial_dims=3, in_channels=1, out_channels=2, network=NetworkConfig())
-    assert any(isinstance(m, nn.BatchNorm3d) for m in net.modules())
-    assert not any(isinstance(m, nn.InstanceNorm3d) for m in net.modules())
+    assert not any(isinstance(m, nn.BatchNorm3d | nn.InstanceNorm3d) for m in net.modules())
+    assert TrainConfig().norm == NetworkConfig().norm == "none"
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (16, 16, 16)])
