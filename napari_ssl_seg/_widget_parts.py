@@ -27,7 +27,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_ssl_seg import annotation as ann
-from napari_ssl_seg.config import AUTO_DIFFUSION_SHARE_TEXT
+from napari_ssl_seg.config import AUTO_ONE_SLICE_METHOD
 
 
 class LossPlot(QWidget):
@@ -167,18 +167,13 @@ class WidgetLayout:
         self.device_combo = combo()
         self.device_combo.addItems(ann.DEVICES)
         self.method_combo.setToolTip(
-            f"auto: diffusion for {AUTO_DIFFUSION_SHARE_TEXT} of the budget when one slice is "
-            "annotated (the most\n"
-            "accurate from a single slice, about 70 s a round on a laptop CPU), supervised\n"
-            "from two annotated slices on.\n"
-            "supervised: the fastest (about 30 s a round on a laptop CPU).\n"
+            f"auto: {AUTO_ONE_SLICE_METHOD} when one slice is annotated (it learns from the\n"
+            "unlabelled slices too; about 30 s a round on a laptop CPU), supervised from\n"
+            "two annotated slices on (about 20 s).\n"
             "diffusion: ~9x slower per iteration than supervised on a CPU.\n"
             "napari-ssl-seg methods lists every method and its settings."
         )
-        self.preset_combo.setToolTip(
-            "Training iterations per round. With auto, a diffusion round (one annotated\n"
-            f"slice) trains for {AUTO_DIFFUSION_SHARE_TEXT} of them."
-        )
+        self.preset_combo.setToolTip("Training iterations per round.")
         form.addRow("Method", self.method_combo)
         form.addRow("Budget", self.preset_combo)
         form.addRow("Device", self.device_combo)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any
 
 from napari_ssl_seg.errors import InvalidInputError
@@ -18,18 +17,14 @@ MODES = ("2d", "2.5d", "3d")
 INITS = ("previous", "scratch")
 #: The method name that lets each round pick one: see :func:`resolve_method`.
 AUTO = "auto"
-#: "auto" gives diffusion this share of the round's iterations: one diffusion iteration
-#: costs ~9 supervised ones on a CPU, and 60 of them (a third of the "quick" 180) keep its
-#: one-slice gain. From slice 30 of the sample, 2 cores, seeds 0/1/2, no stage 1, input
-#: smoothing 1: clean 0.949/0.971/0.973, noisy 0.956/0.962/0.962, against supervised
-#: (180 iterations) 0.938/0.929/0.925 and 0.922/0.935/0.954; a 65 s round against 22 s.
-AUTO_DIFFUSION_SHARE = 1 / 3
-#: The share as user-facing text ("1/3"), for the CLI and the widget's tooltips.
-AUTO_DIFFUSION_SHARE_TEXT = str(Fraction(AUTO_DIFFUSION_SHARE).limit_denominator(20))
+#: What "auto" trains from one annotated slice (2D): the unlabelled slices help most there.
+#: Without normalisation layers, 2 cores, 180 iterations, seeds 0/1/2 (README, "No
+#: normalisation layers"): mean-teacher clean 0.971, noisy 0.966 in 28 s a round, against
+#: supervised 0.963 / 0.963 (17 s) and the diffusion round auto ran before (60 iterations,
+#: one pseudo-label round) 0.969 / 0.961 (62 s).
+AUTO_ONE_SLICE_METHOD = "mean-teacher"
 AUTO_SUMMARY = (
-    f"each round picks: diffusion (no stage 1, one pseudo-label round, "
-    f"{AUTO_DIFFUSION_SHARE_TEXT} of the iterations) when one slice is annotated, "
-    "supervised otherwise"
+    f"each round picks: {AUTO_ONE_SLICE_METHOD} when one slice is annotated, supervised otherwise"
 )
 #: Budget presets the widget offers (iterations of the default method); "quick", the
 #: widget's default, is TrainConfig's default round (the CLI's).
@@ -102,12 +97,11 @@ class TrainConfig:
     """
 
     # "auto" (resolve_method): supervised from 2+ annotated slices, where it is the
-    # fastest, the best on noisy and within 0.5 points of the best on clean (README; 2
-    # cores, 3 slices, seeds 0/1/2, input smoothing 1: supervised 0.968 clean, 0.964
-    # noisy; cps 0.973 / 0.959 at 2.6x the time, dtc 0.972 / 0.955 at 1.5x); diffusion
-    # from ONE slice, where it is far better at a third of the iterations (mean of 3
-    # seeds: 0.964 vs 0.931 clean, 0.960 vs 0.937 noisy; AUTO_DIFFUSION_SHARE). Round 2+
-    # learns from the unlabelled slices through round 1's confident pseudo-labels.
+    # fastest and within 0.2 points of the best (README, "No normalisation layers": 2
+    # cores, 3 slices, seeds 0/1/2: supervised 0.973 clean, 0.965 noisy, 17 s; dtc
+    # 0.975 / 0.965 in 26 s would put the CLI round over 4x the forest's time); from ONE
+    # slice AUTO_ONE_SLICE_METHOD, which learns from the unlabelled slices. Round 2+
+    # learns from them through round 1's confident pseudo-labels.
     method: str = AUTO
     # 180 iterations with 15 BatchNorm batches measured the same as 200 with 30 (mean Dice
     # 0.951 against 0.950 over clean/noisy x seeds 0, 1; 3 slices) and 2.5 s faster.
@@ -216,9 +210,9 @@ class TrainConfig:
 def resolve_method(config: TrainConfig, annotated_slices: int) -> tuple[TrainConfig, str]:
     """The config a round trains with, and why, when ``config.method`` is "auto".
 
-    From one annotated slice: ``diffusion`` without stage-1 pretraining, for
-    ``AUTO_DIFFUSION_SHARE`` of the iterations (2D mode only; the mode it was measured in).
-    Otherwise ``supervised`` with the iterations asked for. A named method is kept as is.
+    From one annotated slice: :data:`AUTO_ONE_SLICE_METHOD` (2D mode only; the mode it
+    was measured in). Otherwise ``supervised``. Both train the iterations asked for. A
+    named method is kept as is.
 
     Parameters
     ----------
@@ -236,16 +230,8 @@ def resolve_method(config: TrainConfig, annotated_slices: int) -> tuple[TrainCon
     if config.method != AUTO:
         return config, ""
     if annotated_slices <= 1 and config.mode == "2d":
-        iterations = max(1, round(config.iterations * AUTO_DIFFUSION_SHARE))
-        chosen = dataclasses.replace(
-            config,
-            method="diffusion",
-            iterations=iterations,
-            # One pseudo-label round (the method's default is 2): the round this share
-            # of the iterations was measured with, and ~2/3 of the time of two.
-            settings={"pretrain_iterations": 0, "rounds": 1},
-        )
-        why = f"{annotated_slices} annotated slice: diffusion, {iterations} iterations"
+        chosen = dataclasses.replace(config, method=AUTO_ONE_SLICE_METHOD)
+        why = f"{annotated_slices} annotated slice: {AUTO_ONE_SLICE_METHOD}"
     else:
         chosen = dataclasses.replace(config, method="supervised")
         why = f"{annotated_slices} annotated slices: supervised"

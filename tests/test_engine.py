@@ -223,7 +223,7 @@ def test_3d_round_on_a_volume_larger_than_one_slab(tiny_project, tiny_config, mo
     assert len(record["uncertain_slices"]) > 0
 
 
-def test_auto_picks_diffusion_from_one_slice_and_supervised_from_two(tmp_path, tiny_config):
+def test_auto_picks_mean_teacher_from_one_slice_and_supervised_from_two(tmp_path, tiny_config):
     from conftest import disks_volume
 
     image, labels = disks_volume()
@@ -231,12 +231,10 @@ def test_auto_picks_diffusion_from_one_slice_and_supervised_from_two(tmp_path, t
     project.annotate_slices(labels, [4], source="test")
     reports = list(_drain(train_round(project, tiny_config(method="auto", iterations=6))))
     record = project.round_record(1)
-    assert record["method"] == "diffusion" and record["iterations_done"] == 2  # a third
-    assert record["config"]["settings"] == {"pretrain_iterations": 0, "rounds": 1}
-    assert not (project.path / "ssl_seg" / "pretrained").exists()  # no stage 1 ran
+    assert record["method"] == "mean-teacher" and record["iterations_done"] == 6
     choices = [r["choice"] for r in reports if r.get("choice")]
     assert choices == [record["method_choice"]]
-    assert record["method_choice"] == "auto (1 annotated slice: diffusion, 2 iterations)"
+    assert record["method_choice"] == "auto (1 annotated slice: mean-teacher)"
 
     # A correction makes it two human slices: supervised, every iteration asked for.
     project.correct_slices(labels, [6], source="test")
@@ -252,7 +250,8 @@ def test_resolve_method_rules():
     named = TrainConfig(method="cps")
     assert resolve_method(named, 1) == (named, "")
     assert resolve_method(TrainConfig(mode="2.5d"), 1)[0].method == "supervised"  # measured in 2D
-    chosen, _ = resolve_method(TrainConfig(iterations=1), 1)
-    assert chosen.method == "diffusion" and chosen.iterations == 1
+    chosen, _ = resolve_method(TrainConfig(iterations=7), 1)
+    assert chosen.method == "mean-teacher" and chosen.iterations == 7
+    assert resolve_method(TrainConfig(), 2)[0].method == "supervised"
     with pytest.raises(InvalidInputError, match="settings must be empty with method 'auto'"):
         TrainConfig(settings={"pretrain_iterations": 0})

@@ -304,7 +304,7 @@ def test_close_during_training_stops_the_child(make_napari_viewer, qtbot, tif, c
     # Stopped (not killed) in time: the round it had trained is committed.
     record = Project.open(path).round_record(1)
     assert record["stopped_early"] and record["iterations_done"] < 100_000
-    assert record["method"] == "diffusion"  # "auto" from one painted slice
+    assert record["method"] == "mean-teacher"  # "auto" from one painted slice
 
 
 def test_gui_stays_responsive_while_training(make_napari_viewer, qtbot, tif, crop):
