@@ -122,7 +122,8 @@ class TrainConfig:
     # supervised, 180 iterations, 2 cores, seeds 0/1/2, with clip_grad_norm 0.25 (batch
     # norm in brackets): 3 slices clean 0.971/0.975/0.972 (0.975/0.955/0.975), noisy
     # 0.964/0.965/0.966 (0.963/0.963/0.966); 1 slice clean 0.965/0.960/0.965
-    # (0.938/0.929/0.925), noisy 0.964/0.963/0.964 (0.922/0.935/0.954). README: Norm.
+    # (0.938/0.929/0.925), noisy 0.964/0.963/0.964 (0.922/0.935/0.954) (tune_defaults.py;
+    # engine rounds for every method: README, "No normalisation layers").
     norm: str = "none"
     # Without normalisation, lr 3e-3 is 1.5x from divergence: unclipped, 1 of 18 runs of
     # the matrix above blew up at step 40 (grad norm 63, Dice 0.90), and at lr 4.5e-3 1 in
