@@ -185,7 +185,7 @@ def check_targets(results: list[dict], default: str) -> list[str]:
         f"{verdict(ok)}: noisy, 3 annotated slices, {default} {_fmt(d)} vs random forest "
         f"{_fmt(rf)}: {gap} Dice points >= +2"
     )
-    # "auto" is not a method of its own: it runs supervised or diffusion, whose rows count.
+    # "auto" is not a method of its own: it runs supervised or mean-teacher, whose rows count.
     ssl = sorted({r["method"] for r in results} - {"supervised", "auto", *BASELINES})
     for variant in VARIANTS:
         for n in (1, 3):

@@ -11,7 +11,7 @@ is its own:
    (2048 x 2048 slices);
 3. ``train``: one round (default method and settings) on a small project cut from the
    mirrored sample (16 slices of 512 x 512, 2 of them annotated; ``--annotated 1``: one,
-   so the default method "auto" trains diffusion), for a checkpoint to predict with;
+   so the default method "auto" trains mean-teacher), for a checkpoint to predict with;
 4. ``predict``: open the big project, load that checkpoint, and predict every slice into
    a new round (``inference.predict_into_round``, as a round does after training). This
    step's peak is the one compared with the target;
@@ -425,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         choices=(1, 2),
         default=2,
-        help="annotated slices of the training round (1: auto trains diffusion)",
+        help="annotated slices of the training round (1: auto trains mean-teacher)",
     )
     parser.add_argument(
         "--mode",

@@ -109,7 +109,8 @@ class DiffusionSettings:
     # sample (3 slices, no stage 1, 180 iterations, 2 cores, engine rounds, seeds 0/1/2):
     # R=1 clean 0.968 (seed 1 0.960), noisy 0.961; R=2 clean 0.972 (0.973/0.971/0.973),
     # noisy 0.962; R=3 clean 0.972, noisy 0.963. An iteration costs 1.4x R=1's with R=2 and
-    # 2.2x with R=3 (README). auto's fast one-slice round keeps R=1 (resolve_method).
+    # 2.2x with R=3 (README). (auto, from one slice, trained
+    # this method with R=1 until it picked mean-teacher instead: README.)
     rounds: int = 2
     # Round r conditions on round r-1's mask; paper False (re-sample from the first mask).
     # Measured on the sample (3 slices, R=2, 60 iterations, seed 0, no stage 1): Dice 0.938
