@@ -495,29 +495,38 @@ class AnnotationSession:
         return saved
 
     # ----------------------------------------------------------- whole slices
-    def mark_annotated(self, i: int, annotation_data) -> Edit:
-        """Mark slice ``i`` as annotated as it is in ``annotation_data`` (an empty slice
-        becomes annotated background)."""
+    def mark_annotated(self, i: int, annotation_data) -> Edit | None:
+        """Mark slice ``i`` as annotated: its voxels no human labelled take their values
+        in ``annotation_data`` (background on an empty slice); human labels stay.
+
+        Returns None when every voxel of the slice is human-labelled already.
+        """
         region = self.slice_region(i)
         self.wait()
-        edit = self.project.apply_edit(
-            "annotation",
-            region,
-            np.asarray(annotation_data[region]),
-            source=self.source,
-            whole_slices=True,
-        )
+        unlabelled = ~self.project.human_mask(region)
+        edit = None
+        if unlabelled.any():
+            edit = self.project.apply_edit(
+                "annotation",
+                region,
+                np.asarray(annotation_data[region]),
+                unlabelled,
+                source=self.source,
+                whole_slices=True,
+            )
         with self._lock:
             self._annotated.add(int(i))
         return edit
 
     def unmark(self, i: int) -> Edit:
-        """Forget the annotation of slice ``i``: its voxels are "not annotated" again."""
+        """Forget every human label of slice ``i`` (annotations, corrections, an accept):
+        its voxels are "not annotated" again and show the model's labels."""
         region = self.slice_region(i)
         self.wait()
         edit = self.project.apply_edit("unannotation", region, source=self.source)
         with self._lock:
             self._annotated.discard(int(i))
+            self._corrected.discard(int(i))
         return edit
 
     def accept_slice(self, i: int, correction_data, *, round: int) -> Edit:
