@@ -157,3 +157,75 @@ def test_apply_human_edit_rule_by_hand():
     assert state.annotated.sum() == 0  # the input is not changed
     forgotten = apply_human_edit(painted, "unannotation", None, np.ones(z.shape, bool))
     assert not any(a.any() for a in forgotten)
+
+
+# ------------------------------------------------- the session: strokes and undo
+def _stroke(layer, box, value):
+    """Paint ``value`` into ``layer[box]`` as napari's data_setitem records it."""
+    zz, yy, xx = np.meshgrid(*(np.arange(s.start, s.stop) for s in box), indexing="ij")
+    index = (zz.ravel(), yy.ravel(), xx.ravel())
+    old = layer[index].copy()
+    layer[index] = value
+    return [(index, old, value)]
+
+
+def _undo(layer, item):
+    for index, old, _ in reversed(item):
+        layer[index] = old
+
+
+@pytest.mark.parametrize("flushed", [True, False])
+def test_session_undo_of_a_stroke_leaves_the_slice_unannotated(project, flushed):
+    pseudo = commit_round(project)
+    session = AnnotationSession(project, background=True)
+    layer = np.zeros(SHAPE, np.uint16)
+    item = _stroke(layer, BOX, 2)
+    session.add_stroke("annotation", item)
+    if flushed:
+        session.flush(layer)
+        assert project.annotated_slices() == [3] and session.annotated == {3}
+    _undo(layer, item)
+    session.add_undo("annotation", item)
+    saved = session.flush(layer, merged_round=1)
+    assert project.annotated_slices() == [] and session.annotated == frozenset()
+    np.testing.assert_array_equal(project.merged_labels(), pseudo)
+    kinds = [e.kind for e in project.edits()]
+    assert kinds == (["annotation", "revert"] if flushed else [])
+    if flushed:  # the merged layer is told what slice 3 shows now
+        ((region, merged),) = saved.merged
+        np.testing.assert_array_equal(merged, pseudo[region])
+    # Redo: the same item painted again annotates the slice again.
+    layer[BOX] = 2
+    session.add_stroke("annotation", item)
+    session.flush(layer)
+    assert project.annotated_slices() == [3] and (project.merged_labels()[BOX] == 2).all()
+    session.close()
+
+
+def test_session_undo_of_a_correction_brings_back_the_stroke_below(project):
+    commit_round(project)
+    session = AnnotationSession(project)
+    annotation_layer = np.zeros(SHAPE, np.uint16)
+    session.add_stroke("annotation", _stroke(annotation_layer, BOX, 2))
+    session.flush(annotation_layer)
+    merged_layer = project.merged_labels()
+    item = _stroke(merged_layer, BOX, 3)
+    session.add_stroke("correction", item)
+    session.flush(annotation_layer, merged_layer, round=1)
+    assert (project.merged_labels()[BOX] == 3).all() and session.corrected == {3}
+    _undo(merged_layer, item)
+    session.add_undo("correction", item)
+    session.flush(annotation_layer, merged_layer, round=1)
+    assert (project.merged_labels()[BOX] == 2).all() and session.corrected == frozenset()
+
+
+@pytest.mark.parametrize("order", [("annotation", "correction"), ("correction", "annotation")])
+def test_session_writes_both_layers_in_the_order_painted(project, order):
+    commit_round(project)
+    session = AnnotationSession(project)
+    layers = {"annotation": np.zeros(SHAPE, np.uint16), "correction": project.merged_labels()}
+    values = {"annotation": 2, "correction": 3}
+    for kind in order:
+        session.add_stroke(kind, _stroke(layers[kind], BOX, values[kind]))
+    session.flush(layers["annotation"], layers["correction"], round=1)
+    assert (project.merged_labels()[BOX] == values[order[-1]]).all()
