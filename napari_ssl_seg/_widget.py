@@ -122,7 +122,9 @@ class SslSegWidget(WidgetLayout, QWidget):
         self._save_timer.timeout.connect(self._autosave)
         self._reap_timer = QTimer(self, interval=50)
         self._reap_timer.timeout.connect(self._reap)
-        self._saving: list = []  # (Future of Saved, round) written by the session's thread
+        # (Future of Saved, round, correction boxes) written by the session's thread
+        self._saving: list = []
+        self._round_loading = False  # a round's labels are being merged for display
         viewer.layers.events.inserted.connect(self._refresh_layer_choices)
         viewer.layers.events.removed.connect(self._refresh_layer_choices)
         viewer.layers.events.removing.connect(self._layer_removing)
@@ -316,7 +318,7 @@ class SslSegWidget(WidgetLayout, QWidget):
         labels.metadata[PROJECT_KEY] = str(self.project.path)
         labels.metadata.pop(ANNOTATED_SLICES_KEY, None)  # imported: the project knows now
         self.annotation_layer = labels
-        self._watch(labels, self.session.annotations)
+        self._watch(labels, "annotation")
         self._refresh_layer_choices()
 
     def _close_project(self) -> None:
@@ -331,11 +333,18 @@ class SslSegWidget(WidgetLayout, QWidget):
         self.uncertain_list.clear()
 
     # ======================================================== human edits
-    def _watch(self, layer, buffer: ann.EditBuffer) -> None:
-        """Route the layer's strokes (and undo/redo, which emit no paint event) to ``buffer``."""
+    def _watch(self, layer, kind: str) -> None:
+        """Route the layer's strokes, undos and redos (which emit no paint event) to the
+        session as ``kind`` ("annotation" or "correction") edits."""
 
-        def on_item(item) -> None:
-            buffer.add(item)
+        def on_item(item, undo: bool = False) -> None:
+            session = self.session
+            if session is None:
+                return
+            if undo:
+                session.add_undo(kind, item)
+            else:
+                session.add_stroke(kind, item)
             if not self._save_timer.isActive():
                 self._save_timer.start()  # not restarted per stroke: bounded latency
 
@@ -356,21 +365,29 @@ class SslSegWidget(WidgetLayout, QWidget):
         session = self.session
         if session is None or not session.pending:
             return
-        if self.job is not None and not self.job.finished and self._phase in ("", "load"):
-            # The child is reading the human labels: let it see one consistent state.
+        if self._round_loading or (
+            self.job is not None and not self.job.finished and self._phase in ("", "load")
+        ):
+            # The child is reading the human labels: let it see one consistent state. Or
+            # a round's labels are being merged for display: strokes wait, so that
+            # _show_round can lay them over the new data (none is shown lost).
             self._save_timer.start()
             return
+        self._save_async()
+
+    def _save_async(self) -> None:
+        session = self.session
+        corrections = session.corrections.boxes() if self.pseudo_layer is not None else []
         future = session.flush_async(
             *self._layer_data(), round=self.round, merged_round=self._merged_round()
         )
-        self._saving.append((future, self.round))
+        self._saving.append((future, self.round, corrections))
         self._reap_timer.start()
 
     def _reap(self) -> None:
-        """Show what the writer thread has finished writing."""
-        done = [(f, r) for f, r in self._saving if f.done()]
-        self._saving = [(f, r) for f, r in self._saving if not f.done()]
-        for future, r in done:
+        """Show what the writer thread has finished writing, in the order submitted."""
+        while self._saving and self._saving[0][0].done():
+            future, r, _ = self._saving.pop(0)
             if future.exception() is not None:
                 self._message(f"Could not save the last strokes: {future.exception()}", "error")
             else:
@@ -413,8 +430,14 @@ class SslSegWidget(WidgetLayout, QWidget):
 
     def _show_saved(self, saved: ann.Saved, r: int) -> None:
         if saved.merged and self.pseudo_layer is not None and r == self.round:
-            # An annotated slice shows its human labels in the merged layer too.
+            # An annotated slice shows its human labels in the merged layer too; but the
+            # merge was read before the corrections painted since (still buffered, or
+            # submitted after this save): those voxels keep what the layer shows.
+            later = self.session.corrections.boxes()
+            later += [box for _, _, boxes in self._saving for box in boxes]
             for region, labels in saved.merged:
+                keep = ann.covered_mask(later, region)
+                labels = np.where(keep, self.pseudo_layer.data[region], labels)
                 self.pseudo_layer.data[region] = labels
             self.pseudo_layer.refresh()
         if saved.edits:
@@ -460,12 +483,15 @@ class SslSegWidget(WidgetLayout, QWidget):
         self.flush()
         i = self.current_slice() if i is None else int(i)
         try:
-            if i in self.session.annotated:
+            if i in self.session.annotated | self.session.corrected:
                 self.session.unmark(i)
                 region = self.session.slice_region(i)
                 self.annotation_layer.data[region] = 0
                 self.annotation_layer.refresh()
-                self._message(f"Slice {i} is no longer annotated.")
+                self._message(
+                    f"Slice {i} is no longer annotated: its human labels and corrections "
+                    "are forgotten (the project's edit log keeps them)."
+                )
             else:
                 self.session.mark_annotated(i, self.annotation_layer.data)
                 self._message(f"Slice {i} is annotated (unpainted voxels are background).")
@@ -510,7 +536,8 @@ class SslSegWidget(WidgetLayout, QWidget):
         if i in corrected:
             state.append("corrected")
         self.slice_label.setText(f"Slice {i} of {self.project.n_slices}: {', '.join(state)}")
-        self.mark_button.setText("Unmark slice" if i in annotated else "Mark slice as background")
+        human = i in annotated or i in corrected
+        self.mark_button.setText("Unmark slice" if human else "Mark slice as background")
 
     # ============================================================ training
     def train(self) -> bool:
@@ -600,6 +627,7 @@ class SslSegWidget(WidgetLayout, QWidget):
     def _round_done(self, record: dict) -> None:
         self._end_progress()
         self.flush()  # strokes on the old round's layer belong to the old round
+        self._round_loading = True  # until _show_round: strokes stay in the buffer
         self.progress_bar.setFormat(f"round {record['round']}: loading labels")
         # Merging a large volume takes seconds: the writer thread does it, we poll.
         future = self.session.round_labels_async(int(record["round"]))
@@ -608,6 +636,7 @@ class SslSegWidget(WidgetLayout, QWidget):
     def _await(self, future, then) -> None:
         """Call ``then(result)`` on the GUI thread once ``future`` is done."""
         if self.session is None:  # the widget closed meanwhile
+            self._round_loading = False
             return
         if not future.done():
             QTimer.singleShot(POLL_MS, lambda: self._await(future, then))
@@ -616,6 +645,8 @@ class SslSegWidget(WidgetLayout, QWidget):
             then(future.result())
         except (SslSegError, ValueError, OSError) as err:
             self._message(f"Round saved, but showing it failed: {err}", "error")
+        finally:
+            self._round_loading = False
 
     def _round_ready(self, record: dict, merged: np.ndarray) -> None:
         self._show_round(int(record["round"]), merged)
@@ -673,7 +704,8 @@ class SslSegWidget(WidgetLayout, QWidget):
         project, image = self.project, self.image_layer
         pseudo = self._round_layer(Labels, "pseudo-labels · round", self.pseudo_layer)
         confidence = self._round_layer(Image, "confidence · round", self.confidence_layer)
-        self.round = r
+        session_boxes = self.session.corrections.boxes() if pseudo is not None else []
+        self._round_loading = False
         merged = project.merged_labels(r) if merged is None else merged
         common = {
             "scale": image.scale,
@@ -696,8 +728,15 @@ class SslSegWidget(WidgetLayout, QWidget):
         if pseudo is None:
             pseudo = self.viewer.add_labels(merged, name=f"pseudo-labels · round {r}", **common)
         else:
+            # Strokes on the old round's layer not yet written are corrections of the old
+            # round: their boxes are copied now, then laid over the new labels.
+            kept = [(b.region, b.mask, np.array(pseudo.data[b.region])) for b in session_boxes]
+            if self.session.pending:
+                self._save_async()
             self._unwatch(pseudo)
             mode = pseudo.mode
+            for region, mask, values in kept:  # ``merged`` is a fresh array: ours to change
+                merged[region] = np.where(mask, values, merged[region])
             pseudo.data = merged
             pseudo.name = f"pseudo-labels · round {r}"
             # Toggling ``editable`` clears napari's undo history (public API): an undo
@@ -709,7 +748,8 @@ class SslSegWidget(WidgetLayout, QWidget):
         for layer in (confidence, pseudo):  # image < confidence < pseudo < annotations
             layers.move(layers.index(layer), layers.index(self.annotation_layer))
         self.confidence_layer, self.pseudo_layer = confidence, pseudo
-        self._watch(pseudo, self.session.corrections)
+        self.round = r
+        self._watch(pseudo, "correction")
         self.viewer.layers.selection.active = pseudo  # the next strokes are corrections
         self._uncertain = [int(s["slice"]) for s in project.round_record(r)["uncertain_slices"]]
         self._uncertain_pos = -1

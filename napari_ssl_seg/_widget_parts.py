@@ -150,7 +150,10 @@ class WidgetLayout:
         self.annotated_label = wrapping_label("Annotated slices: –")
         self.corrected_label = wrapping_label("Corrected slices: –")
         self.slice_label = wrapping_label("Slice –")
-        self.mark_button = QPushButton("Mark slice as background", clicked=self.toggle_slice_mark)
+        # Not ``clicked=self.toggle_slice_mark``: Qt passes ``checked=False``, slice 0.
+        self.mark_button = QPushButton(
+            "Mark slice as background", clicked=lambda: self.toggle_slice_mark()
+        )
         self.mark_button.setToolTip(
             "Count the current slice as annotated even if it is "
             "empty (all background), or forget its annotation"
@@ -267,22 +270,22 @@ class PaintRelay:
 
 def watch_history(layer, on_item) -> None:
     # napari (0.9) applies undo/redo without a paint event; wrap this layer's undo and
-    # redo (what the Ctrl-Z actions call) to report the item they replayed. The item
-    # they move to the other deque is the one applied.
+    # redo (what the Ctrl-Z actions call) to report the item they replayed, with
+    # ``undo=True`` for an undo. The item they move to the other deque is the one applied.
     undo, redo = layer.undo, layer.redo
 
-    def replay(method, after: str):
+    def replay(method, after: str, undoing: bool):
         def call():
             before = len(getattr(layer, "_" + after, ()))
             method()
             moved = getattr(layer, "_" + after, ())
             if len(moved) > before or (moved and len(moved) == moved.maxlen):
-                on_item(moved[-1])
+                on_item(moved[-1], undo=undoing)
 
         return call
 
-    layer.undo = replay(undo, "redo_history")
-    layer.redo = replay(redo, "undo_history")
+    layer.undo = replay(undo, "redo_history", True)
+    layer.redo = replay(redo, "undo_history", False)
 
 
 # ================================================================ small Qt helpers

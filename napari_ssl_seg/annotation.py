@@ -48,6 +48,7 @@ __all__ = [
     "EditBuffer",
     "Saved",
     "atom_region",
+    "covered_mask",
     "build_config",
     "default_project_path",
     "export_labels",
@@ -305,20 +306,11 @@ class EditBuffer:
 
     def pending_mask(self, region: Region) -> np.ndarray:
         """Bool mask (the shape of ``region``) of the voxels waiting to be written there."""
-        out = np.zeros(tuple(s.stop - s.start for s in region), bool)
-        for box in self._boxes:
-            if _touch(box.region, region):
-                lo = [max(b.start, r.start) for b, r in zip(box.region, region, strict=True)]
-                hi = [min(b.stop, r.stop) for b, r in zip(box.region, region, strict=True)]
-                if all(a < b for a, b in zip(lo, hi, strict=True)):
-                    inside = tuple(
-                        slice(a - r.start, b - r.start) for a, b, r in zip(lo, hi, region)
-                    )
-                    part = tuple(
-                        slice(a - q.start, b - q.start) for a, b, q in zip(lo, hi, box.region)
-                    )
-                    out[inside] |= box.mask[part]
-        return out
+        return covered_mask(self._boxes, region)
+
+    def boxes(self) -> list[Pending]:
+        """The pending boxes (a copy of the list; the buffer keeps them)."""
+        return list(self._boxes)
 
     def __len__(self) -> int:
         return len(self._boxes)
@@ -338,6 +330,19 @@ class EditBuffer:
                     out.append(box)
             boxes = out
         return boxes
+
+
+def covered_mask(boxes: Iterable[Pending], region: Region) -> np.ndarray:
+    """Bool mask (the shape of ``region``) of the voxels of ``boxes`` that lie in it."""
+    out = np.zeros(tuple(s.stop - s.start for s in region), bool)
+    for box in boxes:
+        lo = [max(b.start, r.start) for b, r in zip(box.region, region, strict=True)]
+        hi = [min(b.stop, r.stop) for b, r in zip(box.region, region, strict=True)]
+        if all(a < b for a, b in zip(lo, hi, strict=True)):
+            inside = tuple(slice(a - r.start, b - r.start) for a, b, r in zip(lo, hi, region))
+            part = tuple(slice(a - q.start, b - q.start) for a, b, q in zip(lo, hi, box.region))
+            out[inside] |= box.mask[part]
+    return out
 
 
 def _touch(a: Region, b: Region) -> bool:

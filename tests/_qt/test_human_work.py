@@ -1,0 +1,187 @@
+"""Human work in a real napari window is never lost nor outranked: the widget's real buttons
+(``QPushButton.click``) and real brush strokes (``Labels.paint``), the project on disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_ssl_seg import io
+from napari_ssl_seg._sample_data import load_nuclei
+from napari_ssl_seg._widget import SslSegWidget
+from napari_ssl_seg.config import TrainConfig
+from napari_ssl_seg.engine import run_round
+from napari_ssl_seg.store import Project
+
+pytestmark = pytest.mark.gui
+
+TINY = dict(
+    iterations=6,
+    features=[8, 16, 16, 32, 32, 8],
+    patch_size=32,
+    labelled_batch=1,
+    unlabelled_batch=1,
+    threads=1,
+    method="supervised",
+)
+ROUND_TIMEOUT_MS = 120_000
+SAVE_TIMEOUT_MS = 10_000
+
+
+@pytest.fixture(scope="module")
+def crop():
+    image, truth, _ = load_nuclei()
+    return image[24:36, :64, :64].copy(), truth[24:36, :64, :64].copy()
+
+
+@pytest.fixture
+def trained(tmp_path, crop):
+    """A tif and its project with slices 2 and 8 annotated and one trained round."""
+    image, truth = crop
+    tif = tmp_path / "nuclei.tif"
+    tifffile.imwrite(tif, image)
+    project = Project.create(tmp_path / "nuclei.ssl.zarr", image, source=str(tif))
+    project.annotate_slices(truth, [2, 8], source="test")
+    run_round(project, TrainConfig(**TINY))
+    project.refresh_final()
+    return tif, project
+
+
+def open_widget(viewer, qtbot, tif):
+    viewer.open(tif, plugin="napari-ssl-seg")
+    widget = SslSegWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="SSL Seg")
+    assert widget.open_project(wait=True)
+    qtbot.waitUntil(lambda: widget.round == 1, timeout=SAVE_TIMEOUT_MS)
+    widget.set_overrides(**TINY)
+    return widget
+
+
+def brush(layer, z, y, x, label, size=5):
+    """One brush dab on slice ``z`` of ``layer`` as the mouse makes it; returns its mask."""
+    before = layer.data.copy()
+    layer.brush_size = size
+    layer.paint((z, y, x), label)
+    changed = layer.data != before
+    assert changed.any() and changed[z].sum() == changed.sum()
+    return changed
+
+
+def saved(qtbot, widget):
+    qtbot.waitUntil(lambda: widget.is_saved, timeout=SAVE_TIMEOUT_MS)
+
+
+def test_a_stroke_after_accept_wins_in_the_export(make_napari_viewer, qtbot, tmp_path, trained):
+    tif, _ = trained
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, tif)
+    widget.go_to_slice(5)
+    widget.accept_button.click()
+    assert 5 in widget.session.corrected
+    annotations = widget.annotation_layer
+    stroke = brush(annotations, 5, 30, 30, 2)
+    saved(qtbot, widget)
+    written = io.read_volume(widget.export(tmp_path / "out.tif")).data
+    assert (written[stroke] == 2).all()
+    np.testing.assert_array_equal(widget.project.final[...][stroke], 2)
+    labels, known = widget.project.human_labels()
+    assert (labels[stroke] == 2).all() and known[5].all()
+    # Unmark forgets what Accept recorded, and the stroke: slice 5 shows the model again.
+    assert widget.mark_button.text() == "Unmark slice"
+    widget.mark_button.click()
+    assert 5 not in widget.session.corrected | widget.session.annotated
+    np.testing.assert_array_equal(
+        widget.pseudo_layer.data[5], widget.project.pseudo_labels(1)[5]
+    )
+    widget.close()
+
+
+@pytest.mark.parametrize("wait_for_save", [True, False])
+def test_an_undone_stroke_leaves_the_slice_unannotated(
+    make_napari_viewer, qtbot, tmp_path, trained, wait_for_save
+):
+    tif, project = trained
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, tif)
+    widget.go_to_slice(10)
+    brush(widget.annotation_layer, 10, 30, 30, 1)
+    if wait_for_save:
+        saved(qtbot, widget)
+        assert 10 in widget.session.annotated
+    widget.annotation_layer.undo()  # what Ctrl-Z calls
+    saved(qtbot, widget)
+    assert 10 not in widget.session.annotated
+    assert project.annotated_slices() == [2, 8]
+    pseudo = np.asarray(project.pseudo_labels(1)[10])
+    np.testing.assert_array_equal(project.merged_labels()[10], pseudo)
+    np.testing.assert_array_equal(widget.pseudo_layer.data[10], pseudo)
+    written = io.read_volume(widget.export(tmp_path / "out.tif")).data
+    np.testing.assert_array_equal(written[10], pseudo)
+    # Redo paints it again: annotated again.
+    widget.annotation_layer.redo()
+    saved(qtbot, widget)
+    assert project.annotated_slices() == [2, 8, 10]
+    widget.close()
+
+
+def test_mark_button_acts_on_the_slice_shown(make_napari_viewer, qtbot, trained):
+    tif, project = trained
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, tif)
+    widget.go_to_slice(2)
+    painted = widget.annotation_layer.data[2].copy()
+    widget.go_to_slice(10)
+    assert widget.mark_button.text() == "Mark slice as background"
+    widget.mark_button.click()
+    assert project.annotated_slices() == [2, 8, 10]
+    assert widget.mark_button.text() == "Unmark slice"
+    widget.mark_button.click()
+    assert project.annotated_slices() == [2, 8]
+    np.testing.assert_array_equal(widget.annotation_layer.data[2], painted)
+    np.testing.assert_array_equal(project.annotations[2], painted)
+    widget.close()
+
+
+def test_strokes_painted_while_a_round_lands_are_kept(make_napari_viewer, qtbot, trained):
+    """An annotator keeps correcting round 1 while round 2 trains, lands and is shown."""
+    from qtpy.QtCore import QTimer
+
+    tif, project = trained
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, tif)
+    pseudo = widget.pseudo_layer
+    slices = [z for z in range(12) if z not in (2, 8)]
+    spots = [(z, y, x) for y in range(4, 62, 6) for x in range(4, 62, 6) for z in slices]
+    last: dict = {}  # spot -> the label painted there last
+    count, limit = [0], [None]
+
+    def paint_next():
+        if widget.round == 2 and limit[0] is None:
+            limit[0] = count[0] + 20  # a few more strokes on the new round
+        if limit[0] is None or count[0] < limit[0]:
+            spot = spots[count[0] % len(spots)]
+            label = 3 + count[0] // len(spots) % 5  # classes the model never predicts here
+            pseudo.brush_size = 3
+            pseudo.paint(spot, label)
+            last[spot] = label
+            count[0] += 1
+
+    assert widget.train_button.isEnabled()
+    widget.train_button.click()
+    clock = QTimer(interval=40)
+    clock.timeout.connect(paint_next)
+    clock.start()
+    qtbot.waitUntil(lambda: widget.round == 2 and widget.job is None, timeout=ROUND_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: count[0] == limit[0], timeout=ROUND_TIMEOUT_MS)
+    clock.stop()
+    saved(qtbot, widget)
+    assert widget.pseudo_layer is pseudo
+    for spot, label in last.items():  # nothing painted vanished from the screen
+        assert pseudo.data[spot] == label, (spot, label, pseudo.data[spot])
+    merged = project.merged_labels()
+    painted = pseudo.data >= 3
+    np.testing.assert_array_equal(merged[painted], pseudo.data[painted])  # every stroke stored
+    assert not (merged[~painted] >= 3).any()  # and nothing else
+    assert (project.corrected[...][painted] > 0).all()
+    widget.close()
