@@ -574,6 +574,7 @@ class Project:
             if damaged is None:
                 raise
             reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            damaged = "0 (the image)" if damaged == "0" else damaged
             raise ProjectError(
                 f"{self.path}: array {damaged} is damaged (a chunk cannot be read: "
                 f"{type(err).__name__}: {reason}); restore the project from a backup"
