@@ -36,6 +36,7 @@ from napari_ssl_seg.data import (
     load_training_set,
     plane_to_slice_spacing,
 )
+from napari_ssl_seg.errors import ProjectError
 from napari_ssl_seg.inference import (
     calibrate_background_bias,
     predict_into_round,
@@ -43,7 +44,6 @@ from napari_ssl_seg.inference import (
     recalibrate_batchnorm,
 )
 from napari_ssl_seg.methods import NetworkConfig, SSLMethod, get_method
-from napari_ssl_seg.errors import ProjectError
 from napari_ssl_seg.store import Project
 
 Progress = dict[str, Any]

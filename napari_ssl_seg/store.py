@@ -52,9 +52,9 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,10 +110,11 @@ def _atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> Non
     survives a power cut (not needed for throwaway files such as the lock holder's note).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique temp name: two writers of one path never write into each other's file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    # A unique temp name (never reused: "x" mode), so two writers of one path never write
+    # into each other's file; the usual permissions, unlike tempfile's private 0600.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:16]}.partial")
     try:
-        with open(fd, "wb") as fh:
+        with open(tmp, "xb") as fh:
             fh.write(data)
             if durable:
                 fh.flush()
@@ -477,9 +478,10 @@ class Project:
                     f"{path}: this project belongs to another image "
                     f"(signature {project.signature}, the image given has {given})"
                 )
-        if recover:
+        if recover and project._pending_edits():
             # Pending edits of a live writer are its own to finish; those a crash left are
-            # replayed here, or by the next write (which replays before it logs).
+            # replayed here, or by the next write (which replays before it logs). Without
+            # any, nothing is locked or written: a read-only copy opens too.
             with contextlib.suppress(ProjectLockedError), project.writing(timeout=0):
                 project._replay_pending_edits()
         return project
@@ -898,18 +900,19 @@ class Project:
     def refresh_final(self, region: Sequence[slice] | None = None) -> None:
         """Rewrite ``labels/final`` (the export source) from the merge, slab by slab.
 
-        Under the writer lock: a merge read while another process edits would write
-        stale labels over the new ones.
+        Each slab is merged and written under the writer lock (a merge read while another
+        process edits would write stale labels over the new ones); the lock is let go
+        between slabs, so a long refresh never keeps an annotator waiting long.
         """
         regions = (
             [self._check_region(region)]
             if region is not None
             else iter_slabs(self.shape, self.axis)
         )
-        with self.writing(what="refreshing the merged labels"), self.reading():
-            for index in regions:
+        for index in regions:
+            with self.writing(what="refreshing the merged labels"), self.reading(index):
                 self.final[index] = self.merged_labels(index=index)
-            self._store.sync()
+                self._store.sync()
 
     # ------------------------------------------------------------------- internals
     @property
@@ -1045,16 +1048,18 @@ class Project:
             # Voxels of the slice that were not annotated before are background now.
             self.final[full] = self.merged_labels(index=full)
 
-    def _replay_pending_edits(self) -> None:
-        """Apply the logged edits that have no ``.done`` marker (call under :meth:`writing`)."""
+    def _pending_edits(self) -> list[Path]:
+        """Logged edits without a ``.done`` marker, oldest first."""
         try:
             names = set(os.listdir(self._edits_dir))
         except FileNotFoundError:
-            return
-        pending = sorted(
-            n for n in names if n.endswith(".npz") and n[:-4] + ".done" not in names
-        )
-        for p in (self._edits_dir / n for n in pending):
+            return []
+        pending = sorted(n for n in names if n.endswith(".npz") and n[:-4] + ".done" not in names)
+        return [self._edits_dir / n for n in pending]
+
+    def _replay_pending_edits(self) -> None:
+        """Apply the logged edits that have no ``.done`` marker (call under :meth:`writing`)."""
+        for p in self._pending_edits():
             try:
                 with np.load(p) as z:
                     record = json.loads(str(z["record"]))
@@ -1115,6 +1120,7 @@ class RoundWriter:
         written, so a committed round never lacks its data after a power cut.
         """
         project = self.project
+        project._store.sync()  # the round's own chunks: nobody waits for this part
         wait = max(project.lock_timeout, ROUND_LOCK_TIMEOUT)
         with project.writing(timeout=wait, what=f"committing round {self.round}"):
             record = self._commit(record, checkpoint)
