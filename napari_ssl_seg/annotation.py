@@ -40,6 +40,8 @@ from napari_ssl_seg.store import Edit, Project, _atomic_write_bytes
 
 __all__ = [
     "OpenedProject",
+    "Pending",
+    "item_key",
     "open_project_state",
     "DEVICES",
     "AnnotationSession",
@@ -249,38 +251,88 @@ def _checked(region: Region, mask: np.ndarray) -> tuple[Region, np.ndarray] | No
     return (region, mask) if mask.size and mask.any() else None
 
 
+def item_key(item: Iterable[Any]) -> frozenset[int]:
+    """Identity of a napari paint-history item: its atoms, which undo and redo move between
+    the layer's history deques as they are (the item list itself is rebuilt)."""
+    return frozenset(id(atom) for atom in item)
+
+
+class Pending(NamedTuple):
+    """A box of voxels one history item changed, waiting to be written.
+
+    ``seq`` orders the items of both layers as the human made them; ``key`` is
+    :func:`item_key` of the item.
+    """
+
+    seq: int
+    key: frozenset
+    region: Region
+    mask: np.ndarray
+
+
 class EditBuffer:
     """Paint-history items waiting to be written, merged into few boxes at :meth:`take`.
 
-    Adding is cheap (the atom's box and mask only, never the volume); touching boxes are
-    merged when taken, so a flush writes one edit per painted area rather than one per
-    brush dab, and never the whole volume.
+    Adding is cheap (the atom's box and mask only, never the volume); touching boxes of
+    one item (one brush drag) are merged when taken, so a flush writes one edit per
+    painted area rather than one per brush dab, never the whole volume, and an undo of
+    one item can take back exactly its edits.
     """
 
     def __init__(self, shape: Sequence[int]) -> None:
         self.shape = tuple(int(n) for n in shape)
-        self._boxes: list[tuple[Region, np.ndarray]] = []
+        self._boxes: list[Pending] = []
+        self._seq = 0
 
-    def add(self, item: Iterable[Any]) -> None:
+    def add(self, item: Iterable[Any], *, seq: int | None = None) -> None:
         """Add one history item (a list of atoms, as in ``Labels.events.paint``)."""
+        item = list(item)
+        key = item_key(item)
+        if seq is None:
+            self._seq += 1
+            seq = self._seq
         for atom in item:
             box = atom_region(atom, self.shape)
             if box is not None:
-                self._boxes.append(box)
+                self._boxes.append(Pending(seq, key, *box))
+
+    def discard(self, key: frozenset) -> bool:
+        """Drop the boxes of the item ``key``; True if it was pending."""
+        kept = [b for b in self._boxes if b.key != key]
+        found = len(kept) < len(self._boxes)
+        self._boxes = kept
+        return found
+
+    def pending_mask(self, region: Region) -> np.ndarray:
+        """Bool mask (the shape of ``region``) of the voxels waiting to be written there."""
+        out = np.zeros(tuple(s.stop - s.start for s in region), bool)
+        for box in self._boxes:
+            if _touch(box.region, region):
+                lo = [max(b.start, r.start) for b, r in zip(box.region, region, strict=True)]
+                hi = [min(b.stop, r.stop) for b, r in zip(box.region, region, strict=True)]
+                if all(a < b for a, b in zip(lo, hi, strict=True)):
+                    inside = tuple(
+                        slice(a - r.start, b - r.start) for a, b, r in zip(lo, hi, region)
+                    )
+                    part = tuple(
+                        slice(a - q.start, b - q.start) for a, b, q in zip(lo, hi, box.region)
+                    )
+                    out[inside] |= box.mask[part]
+        return out
 
     def __len__(self) -> int:
         return len(self._boxes)
 
-    def take(self) -> list[tuple[Region, np.ndarray]]:
-        """The pending regions (touching boxes merged) and masks; empties the buffer."""
+    def take(self) -> list[Pending]:
+        """The pending boxes (touching boxes of one item merged); empties the buffer."""
         boxes, self._boxes = self._boxes, []
         merged = True
         while merged and len(boxes) > 1:
             merged, out = False, []
             for box in boxes:
                 for k, other in enumerate(out):
-                    if _touch(box[0], other[0]):
-                        out[k], merged = _union(other, box), True
+                    if other.key == box.key and _touch(box.region, other.region):
+                        out[k], merged = Pending(other.seq, other.key, *_union(other, box)), True
                         break
                 else:
                     out.append(box)
@@ -292,12 +344,13 @@ def _touch(a: Region, b: Region) -> bool:
     return all(x.start <= y.stop and y.start <= x.stop for x, y in zip(a, b, strict=True))
 
 
-def _union(a: tuple[Region, np.ndarray], b: tuple[Region, np.ndarray]):
+def _union(a: Pending, b: Pending) -> tuple[Region, np.ndarray]:
     region = tuple(
-        slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a[0], b[0], strict=True)
+        slice(min(x.start, y.start), max(x.stop, y.stop))
+        for x, y in zip(a.region, b.region, strict=True)
     )
     mask = np.zeros(tuple(s.stop - s.start for s in region), bool)
-    for box, part in (a, b):
+    for box, part in ((a.region, a.mask), (b.region, b.mask)):
         mask[
             tuple(
                 slice(s.start - r.start, s.stop - r.start)
@@ -355,6 +408,10 @@ class AnnotationSession:
         self._lock = threading.Lock()
         self._annotated: set[int] = set(project.annotated_slices())
         self._corrected: set[int] = set(project.corrected_slices())
+        self._seq = 0  # orders strokes and undos of both layers as the human made them
+        self._undos: list[tuple[int, str, frozenset, list]] = []
+        # (kind, item key) -> (seq, edit ids) of the written strokes, for undo.
+        self._edits_of: dict[tuple[str, frozenset], tuple[int, list[int]]] = {}
         self._writer = (
             ThreadPoolExecutor(1, thread_name_prefix="napari-ssl-seg-writer")
             if background
@@ -376,7 +433,40 @@ class AnnotationSession:
     @property
     def pending(self) -> bool:
         """True while strokes wait in a buffer (not counting background writes)."""
-        return bool(len(self.annotations) or len(self.corrections))
+        return bool(len(self.annotations) or len(self.corrections) or self._undos)
+
+    def add_stroke(self, kind: str, item: Iterable[Any]) -> None:
+        """Buffer a napari history item painted (or redone) on the ``kind`` layer.
+
+        Parameters
+        ----------
+        kind : {"annotation", "correction"}
+        item : list of paint atoms
+        """
+        self._seq += 1
+        self._buffer(kind).add(item, seq=self._seq)
+
+    def add_undo(self, kind: str, item: Iterable[Any]) -> None:
+        """A history item of the ``kind`` layer was undone: take back what it recorded.
+
+        Still buffered: it is dropped and nothing is written. Written already: the next
+        flush reverts its edits (:meth:`Project.revert_edits`), so a slice the stroke
+        annotated is unannotated again and the marks it replaced come back. An item this
+        session never wrote (painted before the project was opened) is recorded with its
+        restored values, as a stroke that does not annotate whole slices.
+        """
+        item = list(item)
+        buffer = self._buffer(kind)
+        if buffer.discard(item_key(item)):
+            return
+        self._seq += 1
+        boxes = [box for box in (atom_region(a, buffer.shape) for a in item) if box is not None]
+        self._undos.append((self._seq, kind, item_key(item), boxes))
+
+    def _buffer(self, kind: str) -> EditBuffer:
+        if kind not in ("annotation", "correction"):
+            raise ValueError(f"kind must be 'annotation' or 'correction', got {kind!r}")
+        return self.annotations if kind == "annotation" else self.corrections
 
     @property
     def has_human_labels(self) -> bool:
@@ -461,63 +551,107 @@ class AnnotationSession:
             self._writer = None
 
     def _snapshot(self, annotation_data, correction_data) -> list[tuple]:
+        """Copy the touched boxes now: ``(seq, kind, key, region, values, mask, undo)`` jobs
+        in the order the human made them. A layer whose data is None stays pending."""
+        data = {"annotation": annotation_data, "correction": correction_data}
         jobs = []
-        for kind, buffer, data in (
-            ("correction", self.corrections, correction_data),
-            ("annotation", self.annotations, annotation_data),
-        ):
-            if data is not None:
+        for kind, buffer in (("correction", self.corrections), ("annotation", self.annotations)):
+            if data[kind] is not None:
                 jobs += [
-                    (kind, region, np.array(data[region]), mask) for region, mask in buffer.take()
+                    (b.seq, kind, b.key, b.region, np.array(data[kind][b.region]), b.mask, False)
+                    for b in buffer.take()
                 ]
-        return jobs
+        undos, self._undos = self._undos, []
+        for seq, kind, key, boxes in undos:
+            if data[kind] is None:
+                self._undos.append((seq, kind, key, boxes))
+                continue
+            jobs += [
+                (seq, kind, key, region, np.array(data[kind][region]), mask, True)
+                for region, mask in boxes
+            ] or [(seq, kind, key, None, None, None, True)]
+        return sorted(jobs, key=lambda job: job[0])
 
     def _write(self, jobs: list[tuple], round: int, merged_round: int | None) -> Saved:
         saved = Saved()
-        for kind, region, values, mask in jobs:
-            saved.edits.append(
-                self.project.apply_edit(
+        reverted: set[tuple[str, frozenset]] = set()
+        for seq, kind, key, region, values, mask, undo in jobs:
+            if undo and (kind, key) in reverted:
+                continue  # one revert covers every box of the item
+            written = self._edits_of.pop((kind, key), None) if undo else None
+            if written is not None:
+                reverted.add((kind, key))
+                edit = self.project.revert_edits(written[1], source=self.source)
+            elif region is None:
+                continue
+            else:
+                edit = self.project.apply_edit(
                     kind,
                     region,
                     values,
                     mask,
                     round=round if kind == "correction" else 0,
                     source=self.source,
-                    whole_slices=kind == "annotation",
+                    whole_slices=kind == "annotation" and not undo,
                 )
-            )
-            rows = self._rows(region, mask)
-            with self._lock:
-                (self._annotated if kind == "annotation" else self._corrected).update(rows)
-            if kind == "annotation" and merged_round is not None:
-                whole = _whole_slices(region, self.project.shape, self.project.axis)
+                if not undo:
+                    known = self._edits_of.get((kind, key))
+                    ids = known[1] if known is not None and known[0] == seq else []
+                    self._edits_of[(kind, key)] = (seq, ids + [edit.id])
+            saved.edits.append(edit)
+            self._update_rows(edit)
+            if merged_round is not None and (kind == "annotation" or written is not None):
+                whole = _whole_slices(edit.region, self.project.shape, self.project.axis)
                 saved.merged.append((whole, self.project.merged_labels(merged_round, whole)))
         return saved
 
+    def _update_rows(self, edit: Edit) -> None:
+        """Re-read which of the edit's slices hold annotated and corrected voxels."""
+        axis = self.project.axis
+        for i in range(edit.region[axis].start, edit.region[axis].stop):
+            index = self.project.slice_index(i)
+            annotated = bool(np.asarray(self.project.annotated[index]).any())
+            corrected = bool(np.asarray(self.project.corrected[index]).any())
+            with self._lock:
+                for rows, now in ((self._annotated, annotated), (self._corrected, corrected)):
+                    if now:
+                        rows.add(i)
+                    else:
+                        rows.discard(i)
+
     # ----------------------------------------------------------- whole slices
-    def mark_annotated(self, i: int, annotation_data) -> Edit:
-        """Mark slice ``i`` as annotated as it is in ``annotation_data`` (an empty slice
-        becomes annotated background)."""
+    def mark_annotated(self, i: int, annotation_data) -> Edit | None:
+        """Mark slice ``i`` as annotated: its voxels no human labelled take their values
+        in ``annotation_data`` (background on an empty slice); human labels stay.
+
+        Returns None when every voxel of the slice is human-labelled already.
+        """
         region = self.slice_region(i)
         self.wait()
-        edit = self.project.apply_edit(
-            "annotation",
-            region,
-            np.asarray(annotation_data[region]),
-            source=self.source,
-            whole_slices=True,
-        )
+        unlabelled = ~self.project.human_mask(region)
+        edit = None
+        if unlabelled.any():
+            edit = self.project.apply_edit(
+                "annotation",
+                region,
+                np.asarray(annotation_data[region]),
+                unlabelled,
+                source=self.source,
+                whole_slices=True,
+            )
         with self._lock:
             self._annotated.add(int(i))
         return edit
 
     def unmark(self, i: int) -> Edit:
-        """Forget the annotation of slice ``i``: its voxels are "not annotated" again."""
+        """Forget every human label of slice ``i`` (annotations, corrections, an accept):
+        its voxels are "not annotated" again and show the model's labels."""
         region = self.slice_region(i)
         self.wait()
         edit = self.project.apply_edit("unannotation", region, source=self.source)
         with self._lock:
             self._annotated.discard(int(i))
+            self._corrected.discard(int(i))
         return edit
 
     def accept_slice(self, i: int, correction_data, *, round: int) -> Edit:
@@ -556,12 +690,6 @@ class AnnotationSession:
         region = [slice(0, s) for s in self.project.shape]
         region[self.project.axis] = slice(int(i), int(i) + 1)
         return tuple(region)
-
-    def _rows(self, region: Region, mask: np.ndarray) -> list[int]:
-        axis = self.project.axis
-        other = tuple(a for a in range(3) if a != axis)
-        start = region[axis].start
-        return [start + int(k) for k in np.flatnonzero(mask.any(axis=other))]
 
 
 class OpenedProject(NamedTuple):

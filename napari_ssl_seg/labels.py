@@ -4,11 +4,19 @@ Label contract (repeated in every docstring that takes labels): labels are non-n
 integers; on annotated voxels 0 is background and 1..K-1 are classes. Which voxels are
 annotated is recorded separately (a uint8 mask), so a voxel nobody annotated is never
 taken for background.
+
+Edit rule (:func:`apply_human_edit`, the one place it is written): for each voxel the most
+recent human act wins - a stroke on either layer, an accepted slice, a mark - and a model
+never outranks a human act. An annotation clears the correction mark of the voxels it
+paints; a correction is recorded on top of the annotation. So wherever both marks are set
+the correction is the newer act, and :func:`merge_labels` (corrections > annotations >
+pseudo-labels) always shows the latest human act.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -156,6 +164,8 @@ def merge_labels(
 ) -> np.ndarray:
     """Merge a block of labels: corrections > annotations > pseudo-labels.
 
+    The edit rule (:func:`apply_human_edit`) keeps a correction mark only where the
+    correction is newer than the annotation, so this order shows the latest human act.
     All arguments are blocks of the same shape: ``annotated`` is the uint8 mask of
     annotated voxels, ``corrected`` the uint16 round a voxel was corrected in (0 = never).
     Where nobody annotated and no round exists yet, the result is 0.
@@ -169,4 +179,91 @@ def merge_labels(
     out[ann] = np.asarray(annotations)[ann]
     cor = np.asarray(corrected) > 0
     out[cor] = np.asarray(corrections)[cor]
+    return out
+
+
+class HumanState(NamedTuple):
+    """What humans said about a block of voxels (all arrays of one shape).
+
+    Attributes
+    ----------
+    annotations : uint16 ndarray
+        Annotated labels (label contract above); meaningful where ``annotated``.
+    annotated : uint8 ndarray
+        1 where a human annotated the voxel.
+    corrections : uint16 ndarray
+        Corrected labels; meaningful where ``corrected``.
+    corrected : uint16 ndarray
+        The round whose pseudo-labels the human corrected there (0 = none).
+    """
+
+    annotations: np.ndarray
+    annotated: np.ndarray
+    corrections: np.ndarray
+    corrected: np.ndarray
+
+    def copy(self) -> HumanState:
+        return HumanState(*(np.array(a, copy=True) for a in self))
+
+    def changed(self, other: HumanState) -> np.ndarray:
+        """Bool mask of the voxels where ``other`` says something else than ``self``."""
+        out = np.zeros(self.annotated.shape, bool)
+        for a, b in zip(self, other, strict=True):
+            out |= np.asarray(a) != np.asarray(b)
+        return out
+
+
+def apply_human_edit(
+    state: HumanState,
+    kind: str,
+    values: np.ndarray | None,
+    mask: np.ndarray,
+    *,
+    round: int = 0,
+    whole_slices_axis: int | None = None,
+) -> HumanState:
+    """The edit rule: the human state of a block after one human act (a new state).
+
+    Parameters
+    ----------
+    state : HumanState
+        The block before the act.
+    kind : {"annotation", "unannotation", "correction"}
+        "annotation" paints human labels (and takes precedence over any earlier
+        correction of those voxels); "unannotation" forgets every human label of the
+        masked voxels (annotations and corrections: they are "not annotated" again);
+        "correction" records corrected labels of round ``round`` (>= 1).
+    values : uint16 ndarray or None
+        The new labels (label contract above); not used by "unannotation".
+    mask : bool ndarray
+        The voxels the act touched.
+    whole_slices_axis : int, optional
+        For "annotation": every slice along this axis that the mask touches becomes fully
+        annotated, its voxels nobody labelled before becoming background (what painting
+        a slice means). Voxels already labelled by a human keep their labels there.
+    """
+    out = state.copy()
+    mask = np.asarray(mask, bool)
+    if kind == "annotation":
+        out.annotations[mask] = values[mask]
+        out.annotated[mask] = 1
+        out.corrected[mask] = 0  # this stroke is newer than any correction there
+        if whole_slices_axis is not None:
+            other = tuple(a for a in range(mask.ndim) if a != whole_slices_axis)
+            rows = mask.any(axis=other)
+            along = [slice(None)] * mask.ndim
+            along[whole_slices_axis] = rows
+            rest = np.zeros(mask.shape, bool)
+            rest[tuple(along)] = True
+            rest &= (out.annotated == 0) & (out.corrected == 0)
+            out.annotations[rest] = 0
+            out.annotated[rest] = 1
+    elif kind == "unannotation":
+        for array in out:
+            array[mask] = 0
+    elif kind == "correction":
+        out.corrections[mask] = values[mask]
+        out.corrected[mask] = round
+    else:
+        raise ValueError(f"unknown edit kind {kind!r}")
     return out

@@ -72,7 +72,14 @@ from napari_ssl_seg.errors import (
     SignatureMismatchError,
     SslSegError,
 )
-from napari_ssl_seg.labels import LABEL_DTYPE, check_image, check_labels, merge_labels
+from napari_ssl_seg.labels import (
+    LABEL_DTYPE,
+    HumanState,
+    apply_human_edit,
+    check_image,
+    check_labels,
+    merge_labels,
+)
 
 SCHEMA_VERSION = 1
 _ATTR = "napari_ssl_seg"
@@ -247,7 +254,7 @@ class Edit:
     ----------
     id : int
         Position in the log (1-based, increasing).
-    kind : {"annotation", "unannotation", "correction"}
+    kind : {"annotation", "unannotation", "correction", "revert"}
     round : int
         For corrections, the round whose pseudo-labels were corrected; else 0.
     region : tuple of slice
@@ -649,8 +656,10 @@ class Project:
         Parameters
         ----------
         kind : {"annotation", "unannotation", "correction"}
-            "annotation" writes human labels; "unannotation" forgets them (the voxels go
-            back to "not annotated"); "correction" records corrections of round ``round``.
+            "annotation" writes human labels; "unannotation" forgets every human label of
+            the voxels, annotations and corrections (they are "not annotated" again);
+            "correction" records corrections of round ``round``. The edit rule decides
+            (:func:`~napari_ssl_seg.labels.apply_human_edit`): the latest act wins.
         region : tuple of 3 slices
             Bounding box (with explicit start/stop) of the edit in (Z, Y, X).
         values : integer ndarray, shape of ``region``
@@ -662,7 +671,8 @@ class Project:
             For "correction": the round whose pseudo-labels are corrected (>= 1).
         whole_slices : bool
             For "annotation": every slice the edit touches becomes fully annotated (the
-            rest of the slice is background) - what painting a slice means.
+            rest of the slice is background where no human labelled it) - what painting a
+            slice means.
 
         Returns
         -------
@@ -691,23 +701,75 @@ class Project:
                 f"{self.path}: cannot correct round {round}: the latest committed round is "
                 f"{self.latest_round}"
             )
-        with self.writing(what=f"recording a {kind}"), self.reading():
+        record = {
+            "kind": kind,
+            "round": int(round),
+            "source": source,
+            "whole_slices": bool(whole_slices),
+            "start": [s.start for s in region],
+            "stop": [s.stop for s in region],
+        }
+        return self._log_and_apply(record, values.astype(LABEL_DTYPE), mask)
+
+    def revert_edits(self, edit_ids: Sequence[int], *, source: str = "api") -> Edit:
+        """Undo logged edits: their voxels go back to what they were before them.
+
+        What an undo of a stroke means: an undone stroke on a slice nobody annotated
+        leaves it unannotated, and the marks the stroke replaced (a correction, say) come
+        back. The revert is itself a logged human edit (kind "revert"), so the audit
+        trail keeps the stroke and its undoing.
+
+        Parameters
+        ----------
+        edit_ids : sequence of int
+            Ids of logged edits (:meth:`edits`); reverted newest first. Voxels that later
+            edits changed again are set back too: revert the latest edits only.
+
+        Raises
+        ------
+        InvalidInputError
+            No id, or an id that is not in the log.
+        """
+        ids = sorted({int(i) for i in edit_ids})
+        logged = {int(p.stem) for p in self._edits_dir.glob("*.npz")}
+        missing = [i for i in ids if i not in logged]
+        if not ids or missing:
+            raise InvalidInputError(
+                f"edit ids to revert must be logged edits, got {list(edit_ids)!r} "
+                f"(not in the log: {missing})"
+            )
+        boxes = [self._edit_before(i)[2] for i in ids]
+        start = [min(b[a].start for b in boxes) for a in range(3)]
+        stop = [max(b[a].stop for b in boxes) for a in range(3)]
+        record = {
+            "kind": "revert",
+            "round": 0,
+            "source": source,
+            "whole_slices": False,
+            "start": start,
+            "stop": stop,
+            "reverts": ids,
+        }
+        box = tuple(b - a for a, b in zip(start, stop, strict=True))
+        return self._log_and_apply(record, np.zeros(box, LABEL_DTYPE), np.ones(box, bool))
+
+    def _log_and_apply(self, record: dict, values: np.ndarray, mask: np.ndarray) -> Edit:
+        """Log the edit (with the block's state before it) first, then apply it.
+
+        Under the writer lock: the id comes from the log on disk, and the block read as
+        "before" cannot change until the edit is applied.
+        """
+        with self.writing(what=f"recording a {record['kind']}"), self.reading():
             # Edits a crashed writer left unapplied come first: the log is in the order made.
             self._replay_pending_edits()
             edit_id = self._next_edit_id()
-            record = {
-                "id": edit_id,
-                "kind": kind,
-                "round": int(round),
-                "source": source,
-                "time": _now(),
-                "whole_slices": bool(whole_slices),
-                "start": [s.start for s in region],
-                "stop": [s.stop for s in region],
-            }
-            buf = _npz_bytes(record, values.astype(LABEL_DTYPE), mask)
+            record = {"id": edit_id, "time": _now(), **record}
+            index = self._apply_region(record, mask)
+            before = self._read_human(index)
+            after = self._outcome(record, before, values, mask)
+            buf = _npz_bytes(record, values, mask, before, before.changed(after))
             _atomic_write_bytes(self._edit_path(edit_id, ".npz"), buf)
-            self._apply(record, values.astype(LABEL_DTYPE), mask)
+            self._write_human(index, after, before)
             self._mark_done(edit_id)
         return _edit_from_record(record, int(mask.sum()))
 
@@ -1015,38 +1077,72 @@ class Project:
             out.append(slice(int(start), int(stop)))
         return tuple(out)
 
-    def _apply(self, record: dict, values: np.ndarray, mask: np.ndarray) -> None:
+    def _apply_region(self, record: dict, mask=None) -> tuple[slice, ...]:
+        """The block an edit changes: its box, or whole slices for a whole-slice stroke."""
         region = tuple(slice(a, b) for a, b in zip(record["start"], record["stop"], strict=True))
-        kind = record["kind"]
-        if kind == "correction":
-            target, marker, mark = self.corrections, self.corrected, record["round"]
-        else:
-            target, marker, mark = self.annotations, self.annotated, int(kind == "annotation")
-        labels = np.asarray(target[region])
-        marks = np.asarray(marker[region])
-        labels[mask] = values[mask]
-        marks[mask] = mark
-        if kind == "annotation" and record.get("whole_slices"):
-            # Painting a slice annotates all of it: what was not painted is background.
-            other = tuple(a for a in range(3) if a != self.axis)
-            rows = mask.any(axis=other)
-            along = [slice(None)] * 3
-            along[self.axis] = rows
-            marks[tuple(along)] = 1
-            if any(region[a] != slice(0, self.shape[a]) for a in other):
-                self._annotate_rest_of_slices(region, rows)
-        target[region] = labels
-        marker[region] = marks
-        self.final[region] = self.merged_labels(index=region)
+        if record["kind"] != "annotation" or not record.get("whole_slices"):
+            return region
+        return tuple(
+            r if a == self.axis else slice(0, n)
+            for a, (r, n) in enumerate(zip(region, self.shape, strict=True))
+        )
 
-    def _annotate_rest_of_slices(self, region: tuple[slice, ...], rows: np.ndarray) -> None:
-        """Mark the parts of touched slices outside ``region`` as annotated background."""
-        start = region[self.axis].start
-        for offset in np.flatnonzero(rows):
-            full = self._slice_region(start + int(offset))
-            self.annotated[full] = 1
-            # Voxels of the slice that were not annotated before are background now.
-            self.final[full] = self.merged_labels(index=full)
+    def _read_human(self, index) -> HumanState:
+        return HumanState(
+            *(
+                np.asarray(array[index])
+                for array in (self.annotations, self.annotated, self.corrections, self.corrected)
+            )
+        )
+
+    def _write_human(self, index, state: HumanState, before: HumanState) -> None:
+        arrays = (self.annotations, self.annotated, self.corrections, self.corrected)
+        for array, new, old in zip(arrays, state, before, strict=True):
+            if not np.array_equal(new, old):
+                array[index] = new
+        self.final[index] = self.merged_labels(index=index)
+
+    def _outcome(self, record: dict, before: HumanState, values, mask) -> HumanState:
+        """The human state of :meth:`_apply_region` once the edit is applied: the edit rule
+        (:func:`~napari_ssl_seg.labels.apply_human_edit`), or for a revert the states
+        before the reverted edits, newest first, on the voxels each of them changed."""
+        index = self._apply_region(record, mask)
+        if record["kind"] == "revert":
+            after = before.copy()
+            for edit_id in reversed(record["reverts"]):
+                old, changed, old_index = self._edit_before(edit_id)
+                inner = _inner(old_index, index)
+                for now, then in zip(after, old, strict=True):
+                    now[inner][changed] = then[changed]
+            return after
+        box = tuple(slice(a, b) for a, b in zip(record["start"], record["stop"], strict=True))
+        if index != box:  # a whole-slice stroke: its box inside the whole slices
+            full_values = np.zeros(before.annotated.shape, LABEL_DTYPE)
+            full_mask = np.zeros(before.annotated.shape, bool)
+            full_values[_inner(box, index)] = values
+            full_mask[_inner(box, index)] = mask
+            values, mask = full_values, full_mask
+        whole = record["kind"] == "annotation" and record.get("whole_slices")
+        return apply_human_edit(
+            before,
+            record["kind"],
+            values,
+            mask,
+            round=int(record["round"]),
+            whole_slices_axis=self.axis if whole else None,
+        )
+
+    def _edit_before(self, edit_id: int) -> tuple[HumanState, np.ndarray, tuple[slice, ...]]:
+        """``(state before, changed mask, block)`` of logged edit ``edit_id``."""
+        path = self._edit_path(int(edit_id), ".npz")
+        try:
+            with np.load(path) as z:
+                record = json.loads(str(z["record"]))
+                before = HumanState(*(z[f"before_{n}"] for n in HumanState._fields))
+                changed = z["changed"]
+        except (OSError, KeyError, ValueError) as err:
+            raise ProjectError(f"{path}: cannot revert edit {edit_id}: {err}") from None
+        return before, changed, self._apply_region(record, None)
 
     def _pending_edits(self) -> list[Path]:
         """Logged edits without a ``.done`` marker, oldest first."""
@@ -1064,11 +1160,15 @@ class Project:
                 with np.load(p) as z:
                     record = json.loads(str(z["record"]))
                     values, mask = z["values"], z["mask"]
+                    before = HumanState(*(z[f"before_{n}"] for n in HumanState._fields))
             except Exception:
                 # Never completed its atomic write: the arrays were never touched.
                 p.unlink(missing_ok=True)
                 continue
-            self._apply(record, values, mask)
+            index = self._apply_region(record, mask)
+            self._write_human(
+                index, self._outcome(record, before, values, mask), self._read_human(index)
+            )
             self._mark_done(int(p.stem))
 
 
@@ -1238,6 +1338,13 @@ def _create_label_image(parent, name, shape, chunks, voxel_size, units) -> zarr.
     return group.create_array("0", shape=shape, dtype=LABEL_DTYPE, chunks=chunks, fill_value=0)
 
 
+def _inner(box: Sequence[slice], outer: Sequence[slice]) -> tuple[slice, ...]:
+    """``box`` (absolute) as an index into the block ``outer`` that contains it."""
+    return tuple(
+        slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, outer, strict=True)
+    )
+
+
 def _nonzero_slices(array: zarr.Array, axis: int) -> list[int]:
     found: list[int] = []
     for index in iter_slabs(array.shape, axis):
@@ -1247,11 +1354,20 @@ def _nonzero_slices(array: zarr.Array, axis: int) -> list[int]:
     return found
 
 
-def _npz_bytes(record: dict, values: np.ndarray, mask: np.ndarray) -> bytes:
+def _npz_bytes(
+    record: dict, values: np.ndarray, mask: np.ndarray, before: HumanState, changed: np.ndarray
+) -> bytes:
     import io
 
     buf = io.BytesIO()
-    np.savez_compressed(buf, record=np.array(json.dumps(record)), values=values, mask=mask)
+    np.savez_compressed(
+        buf,
+        record=np.array(json.dumps(record)),
+        values=values,
+        mask=mask,
+        changed=changed,
+        **{f"before_{name}": array for name, array in zip(HumanState._fields, before, strict=True)},
+    )
     return buf.getvalue()
 
 

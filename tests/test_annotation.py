@@ -54,17 +54,22 @@ def test_atom_region_coordinate_form():
     assert ann.atom_region((empty, np.zeros(0), 1), SHAPE) is None
 
 
-def test_edit_buffer_merges_touching_boxes_only():
+def test_edit_buffer_merges_touching_boxes_of_one_item_only():
     buffer = ann.EditBuffer(SHAPE)
-    for x in (0, 1, 2):  # three dabs of one stroke, touching each other
-        buffer.add([((np.array([1]), np.array([5]), np.array([x])), np.zeros(1), 1)])
+    # three dabs of one stroke (one history item), touching each other
+    buffer.add([((np.array([1]), np.array([5]), np.array([x])), np.zeros(1), 1) for x in (0, 1, 2)])
     buffer.add([((np.array([6]), np.array([30]), np.array([30])), np.zeros(1), 1)])
-    assert len(buffer) == 4
-    boxes = sorted(buffer.take(), key=lambda b: b[0][0].start)
-    assert len(buffer) == 0 and len(boxes) == 2
-    (region, mask), (far, _) = boxes
-    assert region == (slice(1, 2), slice(5, 6), slice(0, 3)) and mask.all()
-    assert far == (slice(6, 7), slice(30, 31), slice(30, 31))
+    buffer.add([((np.array([1]), np.array([5]), np.array([3])), np.zeros(1), 1)])  # another
+    assert len(buffer) == 5
+    np.testing.assert_array_equal(
+        buffer.pending_mask((slice(1, 2), slice(5, 6), slice(1, 5))), [[[1, 1, 1, 0]]]
+    )
+    boxes = sorted(buffer.take(), key=lambda b: (b.region[0].start, b.seq))
+    assert len(buffer) == 0 and len(boxes) == 3
+    stroke, other, far = boxes
+    assert stroke.region == (slice(1, 2), slice(5, 6), slice(0, 3)) and stroke.mask.all()
+    assert other.region == (slice(1, 2), slice(5, 6), slice(3, 4)) and other.seq == 3
+    assert far.region == (slice(6, 7), slice(30, 31), slice(30, 31))
 
 
 # ----------------------------------------------------------------- session
