@@ -55,6 +55,8 @@ class ProgressPrinter:
         phase, i, n = report["phase"], report.get("iteration", 0), max(1, report.get("total", 1))
         if report.get("choice"):
             self.stream.write(f"method: {report['choice']}\n")
+        if report.get("note"):
+            self.stream.write(f"note: {report['note']}\n")
         if phase in ("load", "done"):
             return
         losses = report.get("losses", {})

@@ -15,6 +15,7 @@ weights and still writes the round, so the work done is never lost.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -35,6 +36,7 @@ from napari_ssl_seg.data import (
     load_training_set,
     plane_to_slice_spacing,
 )
+from napari_ssl_seg.errors import ProjectError
 from napari_ssl_seg.inference import (
     calibrate_background_bias,
     predict_into_round,
@@ -106,14 +108,41 @@ def checkpoint_bytes(method: SSLMethod, config: TrainConfig, extra: dict[str, An
     return buf.getvalue()
 
 
-def load_checkpoint(path: os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint without executing any code stored in it."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(source: os.PathLike | bytes, *, name: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint (a path, or its bytes) without executing any code stored in it.
+
+    Raises
+    ------
+    ProjectError
+        The file is not a checkpoint this package can load (truncated, damaged, or a
+        pickle that needs code); the message names ``name`` (default the path).
+    """
+    name = name or str(source)
+    data = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        ckpt = torch.load(data, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ProjectError(f"{name}: no such checkpoint") from None
+    except Exception as err:  # noqa: BLE001 - torch and pickle raise many types here
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise ProjectError(
+            f"{name}: not a loadable checkpoint ({type(err).__name__}: {reason[:200]})"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise ProjectError(f"{name}: not a napari-ssl-seg checkpoint (a {type(ckpt).__name__})")
+    return ckpt
+
+
+def load_round_checkpoint(project: Project, r: int | None = None) -> dict[str, Any]:
+    """Round ``r``'s checkpoint (default latest), refused unless its sha256 is the one
+    recorded when the round was committed."""
+    r = project._resolve_round(r)
+    return load_checkpoint(project.checkpoint_bytes(r), name=str(project.checkpoint_path(r)))
 
 
 def load_method(project: Project, r: int | None = None) -> tuple[SSLMethod, dict[str, Any]]:
     """The trained method of round ``r`` (default latest) and its checkpoint dict."""
-    ckpt = load_checkpoint(project.checkpoint_path(r))
+    ckpt = load_round_checkpoint(project, r)
     config = TrainConfig.from_dict(ckpt["config"])
     method = build_method(config, num_classes=int(ckpt["num_classes"]))
     method.load_state_dict(ckpt["weights"])
@@ -147,7 +176,8 @@ def train_round(
     dict
         ``phase`` ("load", "pretrain", "train", "predict", in 3D mode "write", "done"),
         ``iteration``, ``total``, ``elapsed`` and ``remaining`` seconds, ``losses`` while
-        training, and once ``choice`` (what method "auto" picked and why).
+        training, once ``choice`` (what method "auto" picked and why), and ``note`` for
+        something the user should know (a damaged pretraining cache being replaced).
 
     Returns
     -------
@@ -167,7 +197,8 @@ def train_round(
     previous = project.latest_round
     yield {"phase": "load", "iteration": 0, "total": config.iterations, "elapsed": 0.0}
 
-    data = load_training_set(project, config)
+    with project.reading():  # a damaged chunk: one line naming the array
+        data = load_training_set(project, config)
     config, choice = resolve_method(config, len(data.human_slices))
     if choice:
         yield {
@@ -180,7 +211,7 @@ def train_round(
     method = build_method(config, num_classes=data.num_classes)
     initialised_from = "scratch"
     if config.init == "previous" and previous >= 1:
-        ckpt = load_checkpoint(project.checkpoint_path(previous))
+        ckpt = load_round_checkpoint(project, previous)
         # Only the same method's weights that fit tensor for tensor (classes, widths,
         # settings such as an ensemble's size); otherwise the round starts from scratch.
         if ckpt["method"] == config.method and _same_layout(ckpt["weights"], method.state_dict()):
@@ -237,20 +268,26 @@ def train_round(
         "vote_window": list(window),
     }
     writer = project.begin_round()
-    scores = yield from _with_elapsed(
-        predict_into_round(
-            project,
-            method,
-            writer,
-            norm=data.norm,
-            mode=config.mode,
-            device=device,
-            background_bias=bias,
-            vote_window=window,
-            smoothing=data.smoothing,
-        ),
-        started,
-    )
+    try:
+        scores = yield from _with_elapsed(
+            predict_into_round(
+                project,
+                method,
+                writer,
+                norm=data.norm,
+                mode=config.mode,
+                device=device,
+                background_bias=bias,
+                vote_window=window,
+                smoothing=data.smoothing,
+            ),
+            started,
+        )
+    except BaseException:
+        # Frees the round number now; if even that fails, the next round frees it.
+        with contextlib.suppress(ProjectError):
+            writer.abort()
+        raise
     ckpt = checkpoint_bytes(
         method,
         config,
@@ -316,10 +353,20 @@ def _pretrain(
             )
         ).encode()
     ).hexdigest()[:12]
-    path = project.pretrained_path(f"{config.method}-{key}")
-    if path.is_file():
-        method.load_pretrain_state(load_checkpoint(path)["weights"])
-        return
+    name = f"{config.method}-{key}"
+    try:
+        cached = project.load_pretrained(name)
+        if cached is not None:
+            method.load_pretrain_state(load_checkpoint(cached, name=name)["weights"])
+            return
+    except ProjectError as err:  # damaged or unverifiable: pretrain again and replace it
+        yield {
+            "phase": "pretrain",
+            "iteration": 0,
+            "total": n,
+            "elapsed": time.time() - started,
+            "note": f"ignoring the cached pretraining weights: {err}; pretraining again",
+        }
     params = [p for p in method.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(params, lr=config.lr)
     for step in range(n):
@@ -339,10 +386,7 @@ def _pretrain(
         }
     buf = io.BytesIO()
     torch.save({"weights": method.pretrain_state(), "iterations": n, "version": __version__}, buf)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    project.save_pretrained(name, buf.getvalue())
 
 
 def vote_window(width: int, project: Project) -> tuple[int, int, int]:

@@ -23,3 +23,7 @@ class SignatureMismatchError(ProjectError):
 
 class UnsupportedFileError(SslSegError, ValueError):
     """A file whose format we cannot read or write."""
+
+
+class ProjectLockedError(ProjectError):
+    """Another process (or thread) is writing the project and did not finish in time."""

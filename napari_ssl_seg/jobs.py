@@ -24,6 +24,9 @@ Ownership: the child opens the project with ``recover=False`` and trains with
 ``refresh_final=False``, so it writes only the new round's arrays and record. The parent
 (the process that records human edits) stays the only writer of human labels and of the
 merged ``final`` labels, and calls :meth:`Project.refresh_final` when ``done`` arrives.
+The child holds the project's writer lock only to reserve its round number and to commit
+the round (see :meth:`Project.begin_round`), so the parent's edits are not held up while
+it trains.
 """
 
 from __future__ import annotations

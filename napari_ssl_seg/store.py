@@ -19,13 +19,23 @@ Layout (``P`` is the project directory)::
         rounds/rNNN/         record.json (written last: a round exists iff it exists)
                              checkpoint.pt
         pretrained/          label-free pretraining checkpoints, reused across rounds
+                             (NAME.pt and NAME.pt.sha256 beside it)
+        writer.lock          the OS lock every writing process holds while it writes
+        writer.json          who holds it (pid, command, host, since when)
 
 Crash safety: zarr writes every chunk and metadata file atomically (temp file + rename),
 and every human edit is first written whole to ``edits/`` (atomically, fsynced) before
 the arrays are touched. A process killed while applying an edit leaves the edit in the
-log without its ``.done`` marker; the next :meth:`Project.open` replays it. Rounds are
-committed by their ``record.json``, written last. The last saved state is therefore
-always readable and complete.
+log without its ``.done`` marker; the next writer replays it. The chunk files an edit or
+a round wrote are fsynced before its ``.done`` marker or ``record.json`` is written, so
+after a power cut nothing is marked done without its data. Rounds are committed by their
+``record.json``, written last. The last saved state is therefore always readable and
+complete.
+
+One writer at a time: every write (an edit, a round's allocation and commit, refreshing
+``final``, the pretrained cache) holds ``ssl_seg/writer.lock`` (see
+:meth:`Project.writing`); edit ids and round numbers are allocated under it from what is
+on disk. Readers never take it.
 
 Label contract: labels are non-negative integers; on annotated voxels 0 is background and
 1..K-1 are classes; which voxels are annotated is recorded in ``ssl_seg/annotated`` so
@@ -34,20 +44,34 @@ that "not annotated" is never taken for background.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
+import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
+from filelock import FileLock, Timeout
+from zarr.storage import LocalStore
 
 from napari_ssl_seg import __version__
-from napari_ssl_seg.errors import InvalidInputError, ProjectError, SignatureMismatchError
+from napari_ssl_seg.errors import (
+    InvalidInputError,
+    ProjectError,
+    ProjectLockedError,
+    SignatureMismatchError,
+    SslSegError,
+)
 from napari_ssl_seg.labels import (
     LABEL_DTYPE,
     HumanState,
@@ -62,21 +86,127 @@ _ATTR = "napari_ssl_seg"
 _EDIT_KINDS = ("annotation", "unannotation", "correction")
 # Largest block (in voxels) read or written at once when streaming whole volumes.
 _SLAB_VOXELS = 2**24
+#: Seconds a writer waits for another process's write to finish before giving up with
+#: :class:`ProjectLockedError`; edits take well under a second, so a longer wait means a
+#: long write (a whole-volume refresh) or a stuck process. The environment variable
+#: ``NAPARI_SSL_SEG_LOCK_TIMEOUT`` overrides it.
+LOCK_TIMEOUT = 10.0
+#: A trained round waits longer to commit: giving up would throw the training away.
+ROUND_LOCK_TIMEOUT = 300.0
+
+
+def _naming_damage(method):
+    """Run a Project method inside :meth:`Project.reading` (damaged chunks named)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.reading():
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new, never half."""
+def _atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new, never half.
+
+    ``durable``: fsync the file and, after the rename, its directory, so that the new file
+    survives a power cut (not needed for throwaway files such as the lock holder's note).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    # A unique temp name (never reused: "x" mode), so two writers of one path never write
+    # into each other's file; the usual permissions, unlike tempfile's private 0600.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:16]}.partial")
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames and deletions in directory ``path`` durable (POSIX only)."""
+    if os.name != "posix":  # Windows cannot open a directory; NTFS journals renames
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    # POSIX syncs a file through any descriptor; Windows needs one open for writing.
+    fd = os.open(path, os.O_RDONLY if os.name == "posix" else os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _DurableLocalStore(LocalStore):
+    """zarr's LocalStore that remembers the files it wrote or deleted until :meth:`sync`.
+
+    zarr writes each chunk atomically (temp file + rename) but does not fsync it; an edit's
+    ``.done`` marker or a round's record must not reach the disk before the chunks do.
+    Syncing once at the end of a write lets the kernel write the chunks back together.
+    """
+
+    def __init__(self, root: Path | str, *, read_only: bool = False) -> None:
+        super().__init__(root, read_only=read_only)
+        self._dirty: set[str] = set()
+        self._dirty_lock = threading.Lock()  # zarr writes from its own event-loop thread
+
+    def _touched(self, key: str) -> None:
+        with self._dirty_lock:
+            self._dirty.add(key)
+
+    async def set(self, key, value) -> None:
+        await super().set(key, value)
+        self._touched(key)
+
+    async def set_if_not_exists(self, key, value) -> None:
+        await super().set_if_not_exists(key, value)
+        self._touched(key)
+
+    async def delete(self, key) -> None:
+        await super().delete(key)
+        self._touched(key)
+
+    async def delete_dir(self, prefix) -> None:
+        await super().delete_dir(prefix)
+        self._touched(prefix)
+
+    def sync(self) -> None:
+        """fsync every file written since the last call, then their directories."""
+        with self._dirty_lock:
+            keys, self._dirty = self._dirty, set()
+        directories = set()
+        for key in keys:
+            path = self.root / key
+            if path.is_file():
+                _fsync_file(path)
+            # A rename, a deletion (zarr deletes chunks that became all fill value) or a
+            # new chunk directory is durable once the directories above it are.
+            parent = path.parent
+            while parent != self.root and self.root in parent.parents:
+                directories.add(parent)
+                parent = parent.parent
+            directories.add(self.root)
+        for directory in directories:
+            if directory.is_dir():
+                _fsync_dir(directory)
 
 
 def chunk_shape(shape: Sequence[int], axis: int) -> tuple[int, ...]:
@@ -165,7 +295,9 @@ class Project:
         self.voxel_size: tuple[float, ...] | None = tuple(vs) if vs else None
         self.units: str = meta.get("units", "micrometer")
         self.source: str = meta.get("source", "")
-        self._last_edit_id: int | None = None
+        #: Seconds a write waits for another writer (see :meth:`writing`).
+        self.lock_timeout: float = _default_lock_timeout()
+        self._store = root.store
         try:
             self.image: zarr.Array = root["0"]
             self.annotations: zarr.Array = root["labels/annotations/0"]
@@ -323,7 +455,7 @@ class Project:
         if not (path / "zarr.json").is_file():
             raise ProjectError(f"{path} is not a napari-ssl-seg project (no zarr.json)")
         try:
-            root = zarr.open_group(path, mode="r+", zarr_format=3)
+            root = zarr.open_group(_DurableLocalStore(path), mode="r+", zarr_format=3)
             meta = root.attrs.get(_ATTR)
         except Exception as err:  # zarr raises several types for unreadable metadata
             raise ProjectError(f"{path}: cannot read the project metadata: {err}") from None
@@ -340,8 +472,13 @@ class Project:
         project = cls(path, root)
         if verify is None:
             verify = project.image.nbytes < 2**30
-        if verify and image_signature(project.image, project.axis) != project.signature:
-            raise ProjectError(f"{path}: the stored image does not match its signature (damaged)")
+        if verify:
+            with project.reading():
+                stored = image_signature(project.image, project.axis)
+            if stored != project.signature:
+                raise ProjectError(
+                    f"{path}: the stored image does not match its signature (damaged)"
+                )
         if image is not None:
             given = image_signature(image, project.axis)
             if given != project.signature:
@@ -349,9 +486,125 @@ class Project:
                     f"{path}: this project belongs to another image "
                     f"(signature {project.signature}, the image given has {given})"
                 )
-        if recover:
-            project._replay_pending_edits()
+        if recover and project._pending_edits():
+            # Pending edits of a live writer are its own to finish; those a crash left are
+            # replayed here, or by the next write (which replays before it logs). Without
+            # any, nothing is locked or written: a read-only copy opens too.
+            with contextlib.suppress(ProjectLockedError), project.writing(timeout=0):
+                project._replay_pending_edits()
         return project
+
+    # -------------------------------------------------------------------- locking
+    @contextlib.contextmanager
+    def writing(self, *, timeout: float | None = None, what: str = "") -> Iterator[None]:
+        """Hold the project's writer lock (an OS file lock) for the ``with`` block.
+
+        Every write to a project happens under it, in every process: two processes (the
+        widget, its training child, a CLI command) never write at once, and edit ids and
+        round numbers are allocated from what is on disk. Re-entrant within a thread;
+        other threads of the same process wait like other processes. Readers never take it.
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Seconds to wait for another writer (default :attr:`lock_timeout`; 0: try once).
+        what : str
+            What this process is writing, shown to a writer that has to wait.
+
+        Raises
+        ------
+        ProjectLockedError
+            Another writer held the lock for ``timeout`` seconds; the message names it.
+        """
+        lock = _writer_lock(self._lock_path)
+        wait = self.lock_timeout if timeout is None else max(0.0, float(timeout))
+        try:
+            lock.acquire(timeout=wait, poll_interval=0.02)
+        except Timeout:
+            raise ProjectLockedError(self._holder_message()) from None
+        outermost = lock.lock_counter == 1
+        try:
+            if outermost:
+                holder = {
+                    "pid": os.getpid(),
+                    "command": _command_line(),
+                    "host": socket.gethostname(),
+                    "since": time.time(),
+                    "what": what,
+                }
+                _atomic_write_bytes(self._holder_path, json.dumps(holder).encode(), durable=False)
+            yield
+        finally:
+            if outermost:
+                with contextlib.suppress(OSError):
+                    self._holder_path.unlink()
+            lock.release()
+
+    @property
+    def _lock_path(self) -> Path:
+        return self.path / "ssl_seg" / "writer.lock"
+
+    @property
+    def _holder_path(self) -> Path:
+        return self.path / "ssl_seg" / "writer.json"
+
+    def _holder_message(self) -> str:
+        """One line naming the process that holds the writer lock, as far as known."""
+        try:
+            holder = json.loads(self._holder_path.read_text())
+            pid, since = int(holder["pid"]), float(holder["since"])
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "another process"
+        else:
+            command = holder.get("command") or "?"
+            if holder.get("what"):
+                command += f": {holder['what']}"
+            host = holder.get("host")
+            where = f" on {host}" if host and host != socket.gethostname() else ""
+            clock = time.strftime("%H:%M:%S", time.localtime(since))
+            who = f"pid {pid}{where} ({command}) since {clock}"
+        return f"{self.path} is being written by {who}; try again when it finishes"
+
+    # -------------------------------------------------------------- damaged chunks
+    @contextlib.contextmanager
+    def reading(self, index=...) -> Iterator[None]:
+        """Report a damaged chunk met in the ``with`` block as a one-line ProjectError.
+
+        zarr's codecs raise their own errors (a zstd ``RuntimeError`` for a truncated
+        chunk) without saying which array; on such an error the project's arrays are
+        read at ``index`` (default everywhere) to find the damaged one. An error that no
+        damaged array explains is raised unchanged.
+        """
+        try:
+            yield
+        except SslSegError:
+            raise
+        except Exception as err:
+            damaged = self._find_damaged(index)
+            if damaged is None:
+                raise
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            damaged = "0 (the image)" if damaged == "0" else damaged
+            raise ProjectError(
+                f"{self.path}: array {damaged} is damaged (a chunk cannot be read: "
+                f"{type(err).__name__}: {reason}); restore the project from a backup"
+            ) from None
+
+    def _find_damaged(self, index=...) -> str | None:
+        """Path of the first project array that cannot be read at ``index``, or None."""
+        arrays = [self.image, self.annotations, self.corrections, self.final]
+        arrays += [self.annotated, self.corrected]
+        with contextlib.suppress(Exception):
+            for r in (record["round"] for record in self.rounds()):
+                arrays += [self.pseudo_labels(r), self.confidence(r)]
+        blocks = iter_slabs(self.shape, self.axis) if index is Ellipsis else [index]
+        for index in blocks:
+            for array in arrays:
+                try:
+                    array[index]
+                except Exception:  # noqa: BLE001 - any codec error means damage here
+                    return array.path
+        return None
 
     # ----------------------------------------------------------------- properties
     @property
@@ -502,16 +755,23 @@ class Project:
         return self._log_and_apply(record, np.zeros(box, LABEL_DTYPE), np.ones(box, bool))
 
     def _log_and_apply(self, record: dict, values: np.ndarray, mask: np.ndarray) -> Edit:
-        """Log the edit (with the block's state before it) first, then apply it."""
-        edit_id = self._next_edit_id()
-        record = {"id": edit_id, "time": _now(), **record}
-        index = self._apply_region(record, mask)
-        before = self._read_human(index)
-        after = self._outcome(record, before, values, mask)
-        buf = _npz_bytes(record, values, mask, before, before.changed(after))
-        _atomic_write_bytes(self._edit_path(edit_id, ".npz"), buf)
-        self._write_human(index, after, before)
-        _atomic_write_bytes(self._edit_path(edit_id, ".done"), b"")
+        """Log the edit (with the block's state before it) first, then apply it.
+
+        Under the writer lock: the id comes from the log on disk, and the block read as
+        "before" cannot change until the edit is applied.
+        """
+        with self.writing(what=f"recording a {record['kind']}"), self.reading():
+            # Edits a crashed writer left unapplied come first: the log is in the order made.
+            self._replay_pending_edits()
+            edit_id = self._next_edit_id()
+            record = {"id": edit_id, "time": _now(), **record}
+            index = self._apply_region(record, mask)
+            before = self._read_human(index)
+            after = self._outcome(record, before, values, mask)
+            buf = _npz_bytes(record, values, mask, before, before.changed(after))
+            _atomic_write_bytes(self._edit_path(edit_id, ".npz"), buf)
+            self._write_human(index, after, before)
+            self._mark_done(edit_id)
         return _edit_from_record(record, int(mask.sum()))
 
     def annotate_slices(self, labels, slices: Sequence[int], *, source: str = "api") -> list[Edit]:
@@ -616,14 +876,74 @@ class Project:
         return self._rounds_dir / f"r{r:03d}" / "checkpoint.pt"
 
     def begin_round(self) -> RoundWriter:
-        """Start writing the next round's outputs (committed by :meth:`RoundWriter.commit`)."""
-        return RoundWriter(self, self.latest_round + 1)
+        """Reserve the next round number and start writing its outputs.
+
+        The number is allocated under the writer lock and reserved on disk, so two
+        trainings never take the same one; the lock is not held while the round's own
+        arrays are written (nobody else writes them), so humans keep editing meanwhile.
+        The round exists once :meth:`RoundWriter.commit` returns.
+        """
+        with self.writing(timeout=max(self.lock_timeout, ROUND_LOCK_TIMEOUT), what="a round"):
+            return RoundWriter(self, self._reserve_round())
 
     def pretrained_path(self, name: str) -> Path:
         """Where label-free pretraining weights named ``name`` are kept."""
         return self.path / "ssl_seg" / "pretrained" / f"{name}.pt"
 
+    def save_pretrained(self, name: str, payload: bytes) -> Path:
+        """Keep pretraining weights ``payload`` as ``name``, with their sha256 beside them."""
+        path = self.pretrained_path(name)
+        with self.writing(what="saving pretraining weights"):
+            _atomic_write_bytes(path, payload)
+            digest = hashlib.sha256(payload).hexdigest()
+            _atomic_write_bytes(path.with_name(path.name + ".sha256"), digest.encode())
+        return path
+
+    def load_pretrained(self, name: str) -> bytes | None:
+        """The pretraining weights kept as ``name``, or None when there are none.
+
+        Raises
+        ------
+        ProjectError
+            The file does not match the sha256 recorded beside it (or none is recorded).
+        """
+        path = self.pretrained_path(name)
+        if not path.is_file():
+            return None
+        payload = path.read_bytes()
+        try:
+            expected = path.with_name(path.name + ".sha256").read_text().strip()
+        except OSError:
+            raise ProjectError(f"{path}: no sha256 recorded beside it; not trusted") from None
+        if hashlib.sha256(payload).hexdigest() != expected:
+            raise ProjectError(f"{path} does not match its recorded sha256 (damaged or altered)")
+        return payload
+
+    def checkpoint_bytes(self, r: int | None = None) -> bytes:
+        """The checkpoint file of round ``r`` (default latest), checked against its record.
+
+        Raises
+        ------
+        ProjectError
+            The file is missing or its sha256 differs from ``checkpoint_sha256`` in the
+            round's record (damaged, truncated or replaced).
+        """
+        r = self._resolve_round(r)
+        path = self.checkpoint_path(r)
+        try:
+            payload = path.read_bytes()
+        except OSError as err:
+            raise ProjectError(f"{path}: cannot read the checkpoint: {err.strerror}") from None
+        expected = self.round_record(r).get("checkpoint_sha256")
+        if expected and hashlib.sha256(payload).hexdigest() != expected:
+            raise ProjectError(
+                f"{path} does not match the sha256 recorded for round {r} "
+                "(damaged, truncated or replaced); refusing to load it"
+            )
+        return payload
+
     # ------------------------------------------------------------------ merged view
+    @_naming_damage
     def merged_labels(self, r: int | None = None, index=...) -> np.ndarray:
         """Corrections > annotations > pseudo-labels of round ``r`` (default latest).
 
@@ -641,14 +961,21 @@ class Project:
         )
 
     def refresh_final(self, region: Sequence[slice] | None = None) -> None:
-        """Rewrite ``labels/final`` (the export source) from the merge, slab by slab."""
+        """Rewrite ``labels/final`` (the export source) from the merge, slab by slab.
+
+        Each slab is merged and written under the writer lock (a merge read while another
+        process edits would write stale labels over the new ones); the lock is let go
+        between slabs, so a long refresh never keeps an annotator waiting long.
+        """
         regions = (
             [self._check_region(region)]
             if region is not None
             else iter_slabs(self.shape, self.axis)
         )
         for index in regions:
-            self.final[index] = self.merged_labels(index=index)
+            with self.writing(what="refreshing the merged labels"), self.reading(index):
+                self.final[index] = self.merged_labels(index=index)
+                self._store.sync()
 
     # ------------------------------------------------------------------- internals
     @property
@@ -663,11 +990,44 @@ class Project:
         return self._edits_dir / f"{edit_id:06d}{suffix}"
 
     def _next_edit_id(self) -> int:
-        if self._last_edit_id is None:
-            logged = sorted(self._edits_dir.glob("*.npz"))
-            self._last_edit_id = int(logged[-1].stem) if logged else 0
-        self._last_edit_id += 1
-        return self._last_edit_id
+        """One more than the last id in the log on disk (call under :meth:`writing`)."""
+        logged = [int(p.stem) for p in self._edits_dir.glob("*.npz") if p.stem.isdigit()]
+        return max(logged, default=0) + 1
+
+    def _mark_done(self, edit_id: int) -> None:
+        """Mark an applied edit done, once the chunks it wrote are on disk."""
+        self._store.sync()
+        _atomic_write_bytes(self._edit_path(edit_id, ".done"), b"")
+
+    def _reserve_round(self) -> int:
+        """Allocate the next round number (call under :meth:`writing`).
+
+        A round directory without ``record.json`` is a reservation; its reserving
+        process holds ``reserved.lock`` inside it. One whose lock can be taken was left
+        by a crash: its directory and arrays are removed and its number can be reused.
+        """
+        self._rounds_dir.mkdir(parents=True, exist_ok=True)
+        taken = []
+        for directory in self._rounds_dir.glob("r*"):
+            if not directory.name[1:].isdigit():
+                continue
+            r = int(directory.name[1:])
+            if (directory / "record.json").exists() or _reservation_alive(directory):
+                taken.append(r)
+            else:
+                self._discard_round(r)
+        r = max(taken, default=0) + 1
+        (self._rounds_dir / f"r{r:03d}").mkdir()
+        return r
+
+    def _discard_round(self, r: int) -> None:
+        """Remove what an uncommitted round ``r`` left (arrays, directory)."""
+        labels, extras = self._root["labels"], self._root["ssl_seg"]
+        if f"pseudo_r{r:03d}" in labels:
+            del labels[f"pseudo_r{r:03d}"]
+        if f"confidence_r{r:03d}" in extras:
+            del extras[f"confidence_r{r:03d}"]
+        shutil.rmtree(self._rounds_dir / f"r{r:03d}", ignore_errors=True)
 
     def _resolve_round(self, r: int | None) -> int:
         r = self.latest_round if r is None else int(r)
@@ -785,10 +1145,18 @@ class Project:
             raise ProjectError(f"{path}: cannot revert edit {edit_id}: {err}") from None
         return before, changed, self._apply_region(record, None)
 
+    def _pending_edits(self) -> list[Path]:
+        """Logged edits without a ``.done`` marker, oldest first."""
+        try:
+            names = set(os.listdir(self._edits_dir))
+        except FileNotFoundError:
+            return []
+        pending = sorted(n for n in names if n.endswith(".npz") and n[:-4] + ".done" not in names)
+        return [self._edits_dir / n for n in pending]
+
     def _replay_pending_edits(self) -> None:
-        for p in sorted(self._edits_dir.glob("*.npz")):
-            if p.with_suffix(".done").exists():
-                continue
+        """Apply the logged edits that have no ``.done`` marker (call under :meth:`writing`)."""
+        for p in self._pending_edits():
             try:
                 with np.load(p) as z:
                     record = json.loads(str(z["record"]))
@@ -802,19 +1170,25 @@ class Project:
             self._write_human(
                 index, self._outcome(record, before, values, mask), self._read_human(index)
             )
-            _atomic_write_bytes(p.with_suffix(".done"), b"")
+            self._mark_done(int(p.stem))
 
 
 class RoundWriter:
     """Writes one round's pseudo-labels and confidence; :meth:`commit` makes it exist.
 
-    Until committed, the round is invisible: a crash leaves arrays that the next
-    :meth:`Project.begin_round` replaces.
+    Made by :meth:`Project.begin_round`, which reserved the round number. Until
+    committed, the round is invisible: a crash leaves arrays that a later
+    :meth:`Project.begin_round` removes (see :meth:`Project._reserve_round`).
     """
 
     def __init__(self, project: Project, round: int) -> None:
         self.project = project
         self.round = round
+        self.directory = project._rounds_dir / f"r{round:03d}"
+        # Held while this writer lives: the OS drops it when the process dies, which is
+        # how a later allocation tells a crashed reservation from a live one.
+        self._reservation = FileLock(self.directory / "reserved.lock", thread_local=False)
+        self._reservation.acquire(timeout=0)
         root = project._root
         shape, chunks = project.shape, tuple(project.image.chunks)
         labels = root["labels"]
@@ -834,10 +1208,6 @@ class RoundWriter:
             chunks=chunks,
             fill_value=0.0,
         )
-        self.directory = project._rounds_dir / f"r{round:03d}"
-        if self.directory.exists():
-            shutil.rmtree(self.directory)
-        self.directory.mkdir(parents=True)
 
     def write(self, index, labels: np.ndarray, confidence: np.ndarray) -> None:
         """Write a block of pseudo-labels (uint16) and confidence (float32) at ``index``."""
@@ -845,7 +1215,32 @@ class RoundWriter:
         self.confidence[index] = confidence.astype(np.float32, copy=False)
 
     def commit(self, record: dict, checkpoint: bytes) -> dict:
-        """Save the checkpoint and the round's record; returns the record as saved."""
+        """Save the checkpoint and the round's record; returns the record as saved.
+
+        Under the writer lock; the round's chunks are fsynced before its record is
+        written, so a committed round never lacks its data after a power cut.
+        """
+        project = self.project
+        project._store.sync()  # the round's own chunks: nobody waits for this part
+        wait = max(project.lock_timeout, ROUND_LOCK_TIMEOUT)
+        with project.writing(timeout=wait, what=f"committing round {self.round}"):
+            record = self._commit(record, checkpoint)
+        self._release()
+        return record
+
+    def abort(self) -> None:
+        """Give the round up: remove its arrays and free its number."""
+        with self.project.writing(what=f"discarding round {self.round}"):
+            self.project._discard_round(self.round)
+        self._release()
+
+    def _release(self) -> None:
+        self._reservation.release()
+        with contextlib.suppress(OSError):
+            os.unlink(self._reservation.lock_file)
+
+    def _commit(self, record: dict, checkpoint: bytes) -> dict:
+        self.project._store.sync()
         _atomic_write_bytes(self.directory / "checkpoint.pt", checkpoint)
         record = dict(record)
         record.update(
@@ -864,10 +1259,61 @@ class RoundWriter:
         if name not in ome["labels"]:
             ome["labels"] = list(ome["labels"]) + [name]
             labels.attrs["ome"] = ome
+            self.project._store.sync()
         return record
 
 
 # ---------------------------------------------------------------------- helpers
+_WRITER_LOCKS: dict[str, FileLock] = {}
+_WRITER_LOCKS_GUARD = threading.Lock()
+
+
+def _writer_lock(path: Path) -> FileLock:
+    """The process's one lock object for ``path``: re-entrant per thread, and two
+    Project objects of one directory share it instead of deadlocking each other."""
+    key = os.path.realpath(path)
+    with _WRITER_LOCKS_GUARD:
+        if key not in _WRITER_LOCKS:
+            _WRITER_LOCKS[key] = FileLock(key, thread_local=True)
+        return _WRITER_LOCKS[key]
+
+
+def _reservation_alive(directory: Path) -> bool:
+    """Whether the process that reserved round ``directory`` still holds it."""
+    if not (directory / "reserved.lock").exists():
+        return False
+    probe = FileLock(directory / "reserved.lock", thread_local=False)
+    try:
+        probe.acquire(timeout=0)
+    except Timeout:
+        return True
+    probe.release()
+    return False
+
+
+def _default_lock_timeout() -> float:
+    text = os.environ.get("NAPARI_SSL_SEG_LOCK_TIMEOUT")
+    if not text:
+        return LOCK_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise InvalidInputError(
+            f"NAPARI_SSL_SEG_LOCK_TIMEOUT must be a number of seconds >= 0, got {text!r}"
+        )
+    return value
+
+
+def _command_line() -> str:
+    """This process's command line, short: ``napari-ssl-seg train P``."""
+    argv = list(sys.argv) or ["python"]
+    argv[0] = os.path.basename(argv[0]) or "python"
+    line = " ".join(argv)
+    return line if len(line) <= 80 else line[:77] + "..."
+
+
 def _multiscales(name: str, voxel_size, units: str) -> dict:
     scale = list(voxel_size) if voxel_size else [1.0, 1.0, 1.0]
     axes = [{"name": a, "type": "space", "unit": units} for a in "zyx"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -255,3 +257,78 @@ def test_resolve_method_rules():
     assert resolve_method(TrainConfig(), 2)[0].method == "supervised"
     with pytest.raises(InvalidInputError, match="settings must be empty with method 'auto'"):
         TrainConfig(settings={"pretrain_iterations": 0})
+
+
+# ------------------------------------------------------------------------- trust
+def test_a_round_checkpoint_is_checked_against_its_record(tiny_project, tiny_config):
+    from napari_ssl_seg.errors import ProjectError
+
+    project, _, _ = tiny_project
+    run_round(project, tiny_config())
+    path = project.checkpoint_path(1)
+    good = path.read_bytes()
+    altered = bytearray(good)
+    altered[len(altered) // 2] ^= 0xFF  # same length, one byte changed
+    path.write_bytes(bytes(altered))
+    with pytest.raises(ProjectError, match="does not match the sha256 recorded for round 1"):
+        load_method(project, 1)
+    # a round that starts from the previous weights refuses them too, before training
+    with pytest.raises(ProjectError, match=str(path)):
+        run_round(project, tiny_config(init="previous"))
+    assert project.latest_round == 1
+    path.write_bytes(good)
+    load_method(project, 1)
+
+
+def test_a_truncated_checkpoint_is_one_line(tiny_project, tiny_config, tmp_path, capsys):
+    from napari_ssl_seg.cli import main
+    from napari_ssl_seg.errors import ProjectError
+
+    project, _, _ = tiny_project
+    run_round(project, tiny_config())
+    path = project.checkpoint_path(1)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ProjectError, match=f"{path} does not match the sha256"):
+        load_method(project, 1)
+    copy = tmp_path / "copy.pt"  # without a record to check against
+    copy.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ProjectError, match=f"{copy}: not a loadable checkpoint"):
+        load_checkpoint(copy)
+    argv = ["train", str(project.path), "--set", "init=previous", "--iterations", "1"]
+    assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "Traceback" not in err
+
+
+def test_a_damaged_pretraining_cache_is_replaced(tiny_project, tiny_config):
+    project, _, _ = tiny_project
+    config = tiny_config(method="diffusion", iterations=1, settings={"pretrain_iterations": 2})
+    run_round(project, config)
+    (cache,) = (project.path / "ssl_seg" / "pretrained").glob("diffusion-*.pt")
+    digest = cache.with_name(cache.name + ".sha256")
+    assert digest.read_text() == hashlib.sha256(cache.read_bytes()).hexdigest()
+    reports = []
+    run_round(project, config, progress=reports.append)  # reused: no pretraining steps
+    assert not [r for r in reports if r["phase"] == "pretrain"]
+    data = cache.read_bytes()
+    cache.write_bytes(data[: len(data) // 2])
+    reports = []
+    run_round(project, config, progress=reports.append)
+    notes = [r["note"] for r in reports if r.get("note")]
+    assert len(notes) == 1 and "ignoring the cached pretraining weights" in notes[0]
+    steps = [r["iteration"] for r in reports if r["phase"] == "pretrain" and "note" not in r]
+    assert steps == [1, 2]  # pretrained again
+    assert digest.read_text() == hashlib.sha256(cache.read_bytes()).hexdigest()
+
+
+def test_training_on_a_damaged_chunk_is_one_line(tiny_project, tiny_config):
+    from napari_ssl_seg.errors import ProjectError
+
+    project, _, _ = tiny_project
+    chunk = project.path / "ssl_seg" / "annotated" / "c" / "4" / "0" / "0"
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ProjectError, match="array ssl_seg/annotated is damaged"):
+        run_round(project, tiny_config())
+    assert project.rounds() == []
