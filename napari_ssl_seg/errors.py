@@ -23,3 +23,15 @@ class SignatureMismatchError(ProjectError):
 
 class UnsupportedFileError(SslSegError, ValueError):
     """A file whose format we cannot read or write."""
+
+
+class PathExistsError(SslSegError, FileExistsError):
+    """A call would replace an existing file or directory and was not asked to.
+
+    ``path`` names it, so each front end can say how its user asks: ``overwrite=True``
+    in Python, ``--overwrite`` on the command line.
+    """
+
+    def __init__(self, path, message: str | None = None) -> None:
+        self.path = path
+        super().__init__(message or f"{path} already exists; pass overwrite=True to replace it")

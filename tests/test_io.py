@@ -311,3 +311,15 @@ def test_headless_imports():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("name", ["a.tif", "a.nii.gz", "a.zarr"])
+def test_write_replaces_an_existing_path_only_when_asked(tmp_path, labels, name):
+    from napari_ssl_seg.errors import PathExistsError
+
+    path = io.write_labels(tmp_path / name, labels)
+    with pytest.raises(PathExistsError, match=rf"{name} already exists; pass overwrite=True"):
+        io.write_labels(path, labels + 1)
+    np.testing.assert_array_equal(io.read_volume(path).data, labels)
+    io.write_labels(path, labels + 1, overwrite=True)
+    np.testing.assert_array_equal(io.read_volume(path).data, labels + 1)
