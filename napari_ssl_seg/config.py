@@ -205,33 +205,9 @@ class TrainConfig:
         """
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "features":
-                items = value if isinstance(value, (tuple, list)) else None
-                ints = [_as_int(v) for v in items] if items is not None else None
-                if ints is None or len(ints) != 6 or any(v is None or v < 1 for v in ints):
-                    raise InvalidInputError(
-                        f"TrainConfig.features must be 6 integers >= 1, got {value!r}"
-                    )
-                converted: Any = tuple(ints)
-            elif f.type == "int":
-                converted = _as_int(value)
-                if converted is None:
-                    raise InvalidInputError(
-                        f"TrainConfig.{f.name} must be an integer, got {value!r}"
-                    )
-            elif f.type == "float":
-                ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-                if not ok:
-                    raise InvalidInputError(f"TrainConfig.{f.name} must be a number, got {value!r}")
-                converted = float(value)
-            elif f.type == "str":
-                if not isinstance(value, str):
-                    raise InvalidInputError(f"TrainConfig.{f.name} must be a string, got {value!r}")
-                converted = value
-            else:  # settings: the method checks its own keys and values
-                if not isinstance(value, dict):
-                    raise InvalidInputError(f"TrainConfig.{f.name} must be a dict, got {value!r}")
-                converted = value
+            converted, allowed = _typed(f.name, f.type, value)
+            if converted is None:
+                raise InvalidInputError(f"TrainConfig.{f.name} must be {allowed}, got {value!r}")
             setattr(self, f.name, converted)
 
     @classmethod
@@ -249,6 +225,23 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["features"] = list(self.features)
         return out
+
+
+def _typed(name: str, type_name: str, value: Any) -> tuple[Any, str]:
+    """``value`` as the field's type (None if it is not one), and that type in words."""
+    if name == "features":
+        ints = [_as_int(v) for v in value] if isinstance(value, (tuple, list)) else []
+        ok = len(ints) == 6 and all(v is not None and v >= 1 for v in ints)
+        return (tuple(ints) if ok else None), "6 integers >= 1"
+    if type_name == "int":
+        return _as_int(value), "an integer"
+    if type_name == "float":
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        return (float(value) if ok else None), "a number"
+    if type_name == "str":
+        return (value if isinstance(value, str) else None), "a string"
+    # settings: the method checks its own keys and values
+    return (value if isinstance(value, dict) else None), "a dict"
 
 
 def _as_int(value: Any) -> int | None:

@@ -90,7 +90,8 @@ def check_labels(
         message counts the distinct values: an instance or intensity image, likely).
     """
     if max_classes is not None and (
-        isinstance(max_classes, bool) or not isinstance(max_classes, (int, np.integer))
+        isinstance(max_classes, bool)
+        or not isinstance(max_classes, (int, np.integer))
         or max_classes < 1
     ):
         raise InvalidInputError(f"max_classes must be an integer >= 1, got {max_classes!r}")

@@ -259,7 +259,9 @@ class Project:
             if not overwrite:
                 raise PathExistsError(path)
             if not _is_project(path):
-                raise ProjectError(f"{path} is not a napari-ssl-seg project; refusing to replace it")
+                raise ProjectError(
+                    f"{path} is not a napari-ssl-seg project; refusing to replace it"
+                )
         # Build beside the target and rename at the end: a crash leaves no half project,
         # and an existing project is replaced only once its successor is complete.
         tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")

@@ -270,7 +270,6 @@ def test_export_labels(tiny_project, tiny_config, tmp_path):
 
 def test_export_labels_never_replaces_unasked(tmp_path):
     import tifffile
-
     from conftest import disks_volume
 
     from napari_ssl_seg.errors import PathExistsError

@@ -172,7 +172,7 @@ def test_methods_lists_all(capsys):
         (["export", "{proj}", "--out", "{tmp}/x.tif", "--round", "3"], "no round 3"),
         (["evaluate", "{image}", "{tmp}/missing.tif"], "missing.tif"),
         (["evaluate", "{image}", "{labels}", "--axis", "5"], "--axis must be 0, 1 or 2, got 5"),
-        (["train", "{proj}", "--set", "iterations=abc"], "iterations must be an integer, got 'abc'"),
+        (["train", "{proj}", "--set", "iterations=abc"], "must be an integer, got 'abc'"),
         (["train", "{proj}", "--set", "iterations=1.5"], "iterations must be an integer, got 1.5"),
         (["train", "{proj}", "--set", "features=8"], "features must be 6 integers >= 1, got 8"),
         (["train", "{proj}", "--set", "device=foo"], "device must be 'auto', 'cpu'"),
