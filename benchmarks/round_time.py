@@ -78,7 +78,7 @@ def time_cli_round(
     steps = {
         "init": ["init", str(project), "--image", str(image_path), *labels, "--overwrite"],
         "train": ["train", str(project), *train],
-        "export": ["export", str(project), "--out", str(out)],
+        "export": ["export", str(project), "--out", str(out), "--overwrite"],
     }
     seconds = {}
     for name, arguments in steps.items():

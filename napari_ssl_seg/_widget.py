@@ -804,14 +804,22 @@ class SslSegWidget(WidgetLayout, QWidget):
             self.export_combo.addItem(f"round {r}, model only", (r, False))
 
     def export(
-        self, path: str | Path, *, round: int | None = None, merged: bool = True
+        self,
+        path: str | Path,
+        *,
+        round: int | None = None,
+        merged: bool = True,
+        overwrite: bool = False,
     ) -> Path | None:
-        """Write the labels to ``path`` (tif, NIfTI or OME-Zarr by extension)."""
+        """Write the labels to ``path`` (tif, NIfTI or OME-Zarr by extension); an
+        existing file only with ``overwrite``."""
         if not self._require_project():
             return None
         self.flush()
         try:
-            written = ann.export_labels(self.project, path, round=round, merged=merged)
+            written = ann.export_labels(
+                self.project, path, round=round, merged=merged, overwrite=overwrite
+            )
         except (SslSegError, ValueError, OSError) as err:
             self._message(f"Export failed: {err}", "error")
             return None
@@ -826,8 +834,8 @@ class SslSegWidget(WidgetLayout, QWidget):
         stem = self.project.path.name.removesuffix(ann.PROJECT_SUFFIX).removesuffix(".zarr")
         default = self.project.path.parent / f"{stem}_labels{fmt}"
         path, _ = QFileDialog.getSaveFileName(self, "Export masks", str(default))
-        if path:
-            self.export(path, round=r, merged=merged)
+        if path:  # the save dialog has asked before naming an existing file
+            self.export(path, round=r, merged=merged, overwrite=True)
 
     # ============================================================ settings
     def _apply_settings(self) -> None:

@@ -34,7 +34,14 @@ def write_labels_layer(path: str, data: Any, meta: dict) -> list[str]:
     if scale is not None and len(scale) == 3 and any(float(s) != 1.0 for s in scale):
         voxel_size = tuple(float(s) for s in scale)
     affine = (meta.get("metadata") or {}).get(AFFINE_KEY)
+    # napari's save dialog asks before it replaces a file, and a script that calls
+    # viewer.layers.save(path) names the path itself.
     written = write_labels(
-        path, data, voxel_size=voxel_size, affine=affine, name=meta.get("name") or None
+        path,
+        data,
+        voxel_size=voxel_size,
+        affine=affine,
+        name=meta.get("name") or None,
+        overwrite=True,
     )
     return [str(written)]

@@ -51,6 +51,7 @@ __all__ = [
     "covered_mask",
     "build_config",
     "default_project_path",
+    "check_export_path",
     "export_labels",
     "format_slices",
     "load_settings",
@@ -839,10 +840,18 @@ def build_config(settings: dict[str, Any]) -> TrainConfig:
 
 # ------------------------------------------------------------------------ export
 def export_labels(
-    project: Project, path: str | os.PathLike, *, round: int | None = None, merged: bool = True
+    project: Project,
+    path: str | os.PathLike,
+    *,
+    round: int | None = None,
+    merged: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write the result to ``path`` (tif, NIfTI or OME-Zarr, by extension) with the
     project's voxel size.
+
+    The file is written under a temporary name and renamed, so a failed export leaves
+    neither a half file nor a damaged older one.
 
     Parameters
     ----------
@@ -851,9 +860,22 @@ def export_labels(
     merged : bool
         True: corrections > annotations > pseudo-labels (label contract above; voxels
         nobody labelled and no round covers are 0). False: the round's model output only.
-    """
-    from napari_ssl_seg.io import write_labels
+    overwrite : bool
+        Replace an existing file (the widget passes True once its save dialog asked).
 
+    Raises
+    ------
+    PathExistsError
+        ``path`` exists and ``overwrite`` is False.
+    InvalidInputError
+        ``path`` is the project's source image or inside the project: refused even with
+        ``overwrite``.
+    """
+    from napari_ssl_seg.io import check_output_path, write_labels
+
+    path = Path(path)
+    check_export_path(project, path)
+    check_output_path(path, overwrite=overwrite)  # before the merge is computed
     r = project.latest_round if round is None else int(round)
     if merged:
         labels = project.merged_labels(r)
@@ -861,7 +883,43 @@ def export_labels(
         if r < 1:
             raise InvalidInputError("no round to export yet: train a round first")
         labels = np.asarray(project.pseudo_labels(r)[...])
-    return write_labels(path, labels, voxel_size=project.voxel_size)
+    return write_labels(path, labels, voxel_size=project.voxel_size, overwrite=overwrite)
+
+
+def check_export_path(project: Project, path: str | os.PathLike) -> None:
+    """Refuse to export over the project's source image or into the project itself.
+
+    Raises
+    ------
+    InvalidInputError
+        ``path`` names the image file the project was made from (as recorded in
+        ``project.source``; a relative record is taken from the current folder and from
+        the project's folder) or lies inside the project directory.
+    """
+    target = Path(path).resolve()
+    root = project.path.resolve()
+    if target == root or root in target.parents:
+        raise InvalidInputError(
+            f"cannot export to {str(path)!r}: it is inside the project {str(project.path)!r}; "
+            "refusing to write there"
+        )
+    if not project.source:
+        return
+    recorded = Path(project.source)
+    candidates = (
+        [recorded]
+        if recorded.is_absolute()
+        else [Path.cwd() / recorded, project.path.parent / recorded]
+    )
+    for source in candidates:
+        same = source.resolve() == target or (
+            source.exists() and target.exists() and os.path.samefile(source, target)
+        )
+        if same:
+            raise InvalidInputError(
+                f"cannot export to {str(path)!r}: it is the project's source image "
+                f"{str(source)!r}; refusing to write there"
+            )
 
 
 def format_slices(slices: Iterable[int], *, limit: int = 12) -> str:

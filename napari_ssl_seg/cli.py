@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from napari_ssl_seg.errors import SslSegError
+from napari_ssl_seg.errors import InvalidInputError, PathExistsError, SslSegError
 
 PROG = "napari-ssl-seg"
 
@@ -81,39 +81,50 @@ METHOD_HELP = "a name from `napari-ssl-seg methods`, or auto (the default)"
 # ------------------------------------------------------------------ subcommands
 def cmd_init(args) -> int:
     from napari_ssl_seg.io import open_volume, read_volume
-    from napari_ssl_seg.labels import labelled_slices, parse_slice_list
+    from napari_ssl_seg.labels import check_labels, parse_slice_list
     from napari_ssl_seg.store import Project
 
+    # Every input is checked before anything is written; Project.create then builds the
+    # project, annotations included, beside the target and swaps it in when complete.
+    _check_axis(args.axis)
+    if args.annotated_slices and not args.labels:
+        raise SslSegError("--annotated-slices needs --labels (the labels of those slices)")
     image = open_volume(args.image)
+    labels, slices = None, None
+    if args.labels:
+        labels = read_volume(args.labels).data
+        check_labels(
+            labels, shape=image.shape, name=str(args.labels), max_classes=args.max_classes
+        )
+        if args.annotated_slices:
+            slices = parse_slice_list(
+                args.annotated_slices,
+                length=image.shape[args.axis],
+                name="--annotated-slices",
+            )
     project = Project.create(
         args.project,
         image.data,
         axis=args.axis,
         voxel_size=image.voxel_size,
-        source=str(args.image),
+        source=str(Path(args.image).absolute()),
+        labels=labels,
+        annotated_slices=slices,
+        max_classes=args.max_classes,
+        edit_source="cli",
         overwrite=args.overwrite,
     )
-    slices: list[int] = []
-    if args.labels:
-        labels = read_volume(args.labels).data
-        from napari_ssl_seg.labels import check_labels
-
-        check_labels(labels, shape=project.shape, name=str(args.labels))
-        if args.annotated_slices:
-            slices = parse_slice_list(
-                args.annotated_slices, length=project.n_slices, name="--annotated-slices"
-            )
-        else:
-            slices = labelled_slices(labels, project.axis)
-        project.annotate_slices(labels, slices, source="cli")
-    elif args.annotated_slices:
-        raise SslSegError("--annotated-slices needs --labels (the labels of those slices)")
     print(
         f"project {project.path}: image {project.shape} {project.image.dtype}, "
         f"axis {project.axis}, "
-        f"annotated slices {slices or 'none'}"
+        f"annotated slices {project.annotated_slices() or 'none'}"
     )
     return 0
+
+
+def _check_axis(axis: int, option: str = "--axis") -> None:
+    if axis not in (0, 1, 2):
+        raise InvalidInputError(f"{option} must be 0, 1 or 2, got {axis}")
 
 
 def cmd_train(args) -> int:
@@ -150,23 +161,21 @@ def cmd_correct(args) -> int:
     project = Project.open(args.project)
     labels = read_volume(args.labels).data
     slices = parse_slice_list(args.slices, length=project.n_slices, name="--slices")
-    edits = project.correct_slices(labels, slices, round=args.round, source="cli")
+    edits = project.correct_slices(
+        labels, slices, round=args.round, source="cli", max_classes=args.max_classes
+    )
     print(f"recorded {len(edits)} corrected slice(s) {slices} of round {edits[0].round}")
     return 0
 
 
 def cmd_export(args) -> int:
-    from napari_ssl_seg.io import write_labels
+    from napari_ssl_seg.annotation import export_labels
     from napari_ssl_seg.store import Project
 
     project = Project.open(args.project)
-    if args.round is None:
-        project.refresh_final()
-        labels = project.final[...]
-    else:
+    if args.round is not None:
         project.round_record(args.round)  # a clear error for a round that does not exist
-        labels = project.merged_labels(args.round)
-    out = write_labels(args.out, labels, voxel_size=project.voxel_size)
+    out = export_labels(project, args.out, round=args.round, overwrite=args.overwrite)
     print(f"exported {'merged labels' if args.round is None else f'round {args.round}'} to {out}")
     return 0
 
@@ -176,6 +185,7 @@ def cmd_evaluate(args) -> int:
     from napari_ssl_seg.labels import parse_slice_list
     from napari_ssl_seg.metrics import evaluate
 
+    _check_axis(args.axis)
     pred = read_volume(args.prediction)
     truth = read_volume(args.truth)
     exclude = (
@@ -225,15 +235,39 @@ def cmd_demo(args) -> int:
         from napari_ssl_seg.demo import open_in_napari
 
         return open_in_napari(args.project)
+    project, out = demo_paths(args.project, args.out)
     run_demo(
-        args.project,
+        project,
         iterations=args.iterations,
         method=args.method,
-        out=args.out,
+        out=out,
         seed=args.seed,
+        overwrite=args.overwrite,
         stream=sys.stdout,
     )
     return 0
+
+
+DEMO_PROJECT, DEMO_OUT = "napari-ssl-seg-demo{}.zarr", "napari-ssl-seg-demo{}-labels.tif"
+
+
+def demo_paths(project: Path | None, out: Path | None) -> tuple[Path, Path]:
+    """The demo's project and export paths: those given, else the first free default.
+
+    Defaults are numbered (``napari-ssl-seg-demo-2.zarr``, ...) when a previous run took
+    them, so running the demo again never replaces its earlier results; a path given
+    explicitly is kept as it is (and refused later if it exists, unless --overwrite).
+    """
+    for n in range(1, 10_000):
+        suffix = "" if n == 1 else f"-{n}"
+        candidate = (
+            project or Path(DEMO_PROJECT.format(suffix)),
+            out or Path(DEMO_OUT.format(suffix)),
+        )
+        defaults = [p for p, given in zip(candidate, (project, out), strict=True) if not given]
+        if not any(p.exists() or p.is_symlink() for p in defaults):
+            return candidate
+    raise SslSegError("no free default demo path; pass --project and --out")
 
 
 def _has_display() -> bool:
@@ -258,7 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--annotated-slices", help="explicit annotated slices, e.g. 3,17,40 (empty ones too)"
     )
     p.add_argument("--axis", type=int, default=0, help="slice axis (default 0)")
-    p.add_argument("--overwrite", action="store_true")
+    _add_max_classes(p)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the napari-ssl-seg project at PROJECT"
+    )
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("train", help="train one round and write its pseudo-labels")
@@ -283,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, type=Path)
     p.add_argument("--slices", required=True, help="e.g. 5,9")
     p.add_argument("--round", type=int, help="round corrected (default latest)")
+    _add_max_classes(p)
     p.set_defaults(func=cmd_correct)
 
     p = sub.add_parser("export", help="write merged labels to .tif, .nii(.gz) or .zarr")
@@ -291,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--round", type=int, help="use this round's pseudo-labels under the human labels"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="Dice, IoU, HD95, ASD per class")
@@ -309,8 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("demo", help="the whole annotation loop on the bundled sample")
-    p.add_argument("--project", type=Path, default=Path("napari-ssl-seg-demo.zarr"))
-    p.add_argument("--out", type=Path, default=Path("napari-ssl-seg-demo-labels.tif"))
+    p.add_argument(
+        "--project",
+        type=Path,
+        help=f"default {DEMO_PROJECT.format('')} here, numbered if a previous run took it",
+    )
+    p.add_argument(
+        "--out", type=Path, help=f"default {DEMO_OUT.format('')} here, numbered like --project"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --project or --out"
+    )
     p.add_argument("--method", help=METHOD_HELP)
     p.add_argument("--iterations", type=int)
     p.add_argument("--seed", type=int, default=0)
@@ -319,11 +367,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_max_classes(parser: argparse.ArgumentParser) -> None:
+    from napari_ssl_seg.labels import MAX_CLASSES
+
+    parser.add_argument(
+        "--max-classes",
+        type=int,
+        default=MAX_CLASSES,
+        metavar="N",
+        help=f"largest label --labels may hold (default {MAX_CLASSES}; more is likely an "
+        "instance or intensity image)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except PathExistsError as err:  # the API says overwrite=True; here it is a flag
+        print(
+            f"{PROG} {args.command}: error: {err.path} already exists; "
+            "pass --overwrite to replace it",
+            file=sys.stderr,
+        )
+        return 2
     except (SslSegError, ValueError, OSError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)

@@ -8,6 +8,9 @@ saved in every checkpoint and round record.
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +32,9 @@ AUTO_SUMMARY = (
 #: Budget presets the widget offers (iterations of the default method); "quick", the
 #: widget's default, is TrainConfig's default round (the CLI's).
 PRESETS = {"quick": 180, "balanced": 400, "thorough": 1200}
+#: Devices a config may name ("cuda:N" picks a GPU by index).
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICES_ALLOWED = "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'"
 
 
 @dataclass
@@ -157,7 +163,7 @@ class TrainConfig:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.features = tuple(int(f) for f in self.features)
+        self._check_types()
         checks = [
             (self.iterations >= 1, "iterations", "an integer >= 1"),
             (self.mode in MODES, "mode", f"one of {MODES}"),
@@ -167,7 +173,7 @@ class TrainConfig:
             (self.unlabelled_batch >= 0, "unlabelled_batch", ">= 0"),
             (self.lr > 0, "lr", "> 0"),
             (self.clip_grad_norm >= 0, "clip_grad_norm", ">= 0"),
-            (len(self.features) == 6, "features", "6 integers"),
+            (bool(DEVICE_PATTERN.fullmatch(self.device)), "device", DEVICES_ALLOWED),
             (0.0 <= self.pseudo_threshold <= 1.0, "pseudo_threshold", "in [0, 1]"),
             (0.0 <= self.pseudo_class_share <= 1.0, "pseudo_class_share", "in [0, 1]"),
             (self.pseudo_weight >= 0, "pseudo_weight", ">= 0"),
@@ -191,6 +197,19 @@ class TrainConfig:
                     f"TrainConfig.{name} must be {allowed}, got {getattr(self, name)!r}"
                 )
 
+    def _check_types(self) -> None:
+        """Check each value against its field's type; integral numbers become int.
+
+        ``--set iterations=1.5`` or ``features=8`` must fail here with the value, not
+        deep in training with a traceback.
+        """
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            converted, allowed = _typed(f.name, f.type, value)
+            if converted is None:
+                raise InvalidInputError(f"TrainConfig.{f.name} must be {allowed}, got {value!r}")
+            setattr(self, f.name, converted)
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from a plain dict, rejecting unknown keys by name."""
@@ -206,6 +225,123 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["features"] = list(self.features)
         return out
+
+
+def _typed(name: str, type_name: str, value: Any) -> tuple[Any, str]:
+    """``value`` as the field's type (None if it is not one), and that type in words."""
+    if name == "features":
+        ints = [_as_int(v) for v in value] if isinstance(value, (tuple, list)) else []
+        ok = len(ints) == 6 and all(v is not None and v >= 1 for v in ints)
+        return (tuple(ints) if ok else None), "6 integers >= 1"
+    if type_name == "int":
+        return _as_int(value), "an integer"
+    if type_name == "float":
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        return (float(value) if ok else None), "a number"
+    if type_name == "str":
+        return (value if isinstance(value, str) else None), "a string"
+    # settings: the method checks its own keys and values
+    return (value if isinstance(value, dict) else None), "a dict"
+
+
+def _as_int(value: Any) -> int | None:
+    """``value`` as an int if it is an integer or an integral float, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and float(value).is_integer():
+        return int(value)
+    return None
+
+
+# ------------------------------------------------------------------------ memory
+# Tensors autograd keeps for the backward pass of a MONAI BasicUNet without normalisation
+# layers, in float32 values per voxel and per channel of the level's width (encoder and
+# decoder, each level at its resolution): measured 4.7-5.0 with
+# torch.autograd.graph.saved_tensors_hooks over widths 8..512, 2D and 3D.
+_SAVED_VALUES_PER_CHANNEL = 5
+
+
+def estimate_training_memory(config: TrainConfig) -> int:
+    """Bytes of activations one training step keeps for its backward pass, at least.
+
+    The estimate counts one network on one batch of ``labelled_batch`` crops (plus
+    ``unlabelled_batch`` for methods that learn from unlabelled slices); methods with
+    two networks or teachers need more. Crops are ``patch_size`` squares in 2D/2.5D and
+    ``max(32, patch_size // 2)`` cubes in 3D, as the sampler asks for before clipping
+    them to the volume.
+
+    Parameters
+    ----------
+    config : TrainConfig
+
+    Returns
+    -------
+    int
+        Bytes.
+    """
+    dims = 3 if config.mode == "3d" else 2
+    side = max(32, config.patch_size // 2) if dims == 3 else config.patch_size
+    side = min(side, 2**40)  # far beyond any memory, and still a finite float below
+    f = config.features
+    # Encoder levels 0..4, decoder levels 3..1 at the widths they take, the last level f[5].
+    widths = sum(f[level] / 2 ** (dims * level) for level in range(5))
+    widths += sum(f[level - 1] / 2 ** (dims * level) for level in range(1, 4)) + f[5]
+    batch = config.labelled_batch
+    if config.method not in (AUTO, "supervised"):  # auto's lower bound is supervised
+        batch += config.unlabelled_batch
+    values = _SAVED_VALUES_PER_CHANNEL * widths * float(side) ** dims * batch
+    return int(values * 4)
+
+
+def total_memory(device: Any = "cpu") -> int | None:
+    """Bytes of memory on ``device`` (RAM for the CPU and MPS); None when unknown."""
+    if getattr(device, "type", str(device).split(":")[0]) == "cuda":
+        import torch
+
+        index = getattr(device, "index", None)
+        return int(torch.cuda.get_device_properties(index or 0).total_memory)
+    try:
+        import psutil
+    except ImportError:
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+            return None
+    return int(psutil.virtual_memory().total)
+
+
+def check_training_memory(
+    config: TrainConfig, *, device: Any = "cpu", available: int | None = None
+) -> None:
+    """Refuse a config whose training step cannot fit in memory, before training.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    device : str or torch.device
+        Where training runs; its memory is the bound (see :func:`total_memory`).
+    available : int, optional
+        Bytes to compare with instead of the device's total.
+
+    Raises
+    ------
+    InvalidInputError
+        :func:`estimate_training_memory` exceeds the memory; the message gives both.
+    """
+    available = total_memory(device) if available is None else available
+    need = estimate_training_memory(config)
+    if available is None or need <= available:
+        return
+    gib = 2**30
+    raise InvalidInputError(
+        f"TrainConfig: a {config.mode} training step with patch_size {config.patch_size}, "
+        f"batches {config.labelled_batch} + {config.unlabelled_batch} and features "
+        f"{config.features} needs about {need / gib:.1f} GiB of memory for its "
+        f"activations; {device} has {available / gib:.1f} GiB; lower patch_size, the "
+        "batches or features"
+    )
 
 
 def resolve_method(config: TrainConfig, annotated_slices: int) -> tuple[TrainConfig, str]:

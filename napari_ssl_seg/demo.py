@@ -20,7 +20,7 @@ from napari_ssl_seg._sample_data import load_nuclei, quickstart_slices
 from napari_ssl_seg.cli import ProgressPrinter
 from napari_ssl_seg.config import TrainConfig
 from napari_ssl_seg.engine import run_round
-from napari_ssl_seg.io import write_labels
+from napari_ssl_seg.io import check_output_path, write_labels
 from napari_ssl_seg.metrics import dice
 from napari_ssl_seg.store import Project
 
@@ -33,16 +33,29 @@ def run_demo(
     out: Path | None = None,
     seed: int = 0,
     corrections_per_round: int = 2,
+    overwrite: bool = False,
     stream: TextIO = sys.stdout,
 ) -> dict:
-    """Run init, round 1, simulated corrections, round 2 and export; return the scores."""
+    """Run init, round 1, simulated corrections, round 2 and export; return the scores.
+
+    ``project_path`` and ``out`` are replaced only with ``overwrite`` (a project only if
+    it is a napari-ssl-seg project); both are checked before any work.
+    """
     started = time.time()
+    if out is not None:
+        check_output_path(out, overwrite=overwrite)
     image, truth, voxel_size = load_nuclei()
-    project = Project.create(
-        project_path, image, voxel_size=voxel_size, source="bundled nuclei sample", overwrite=True
-    )
     annotated = quickstart_slices(3)
-    project.annotate_slices(truth, annotated, source="demo")
+    project = Project.create(
+        project_path,
+        image,
+        voxel_size=voxel_size,
+        source="bundled nuclei sample",
+        labels=truth,
+        annotated_slices=annotated,
+        edit_source="demo",
+        overwrite=overwrite,
+    )
     print(
         f"project {project.path}: {image.shape} nuclei, annotated slices {annotated}", file=stream
     )
@@ -74,7 +87,9 @@ def run_demo(
     print(f"corrected slices (least confident after round 1): {corrected}", file=stream)
     if out is not None:
         project.refresh_final()
-        path = write_labels(out, project.final[...], voxel_size=project.voxel_size)
+        path = write_labels(
+            out, project.final[...], voxel_size=project.voxel_size, overwrite=overwrite
+        )
         print(f"exported merged labels to {path}", file=stream)
     print(f"total {time.time() - started:.0f} s", file=stream)
     return {"dice": scores, "corrected": corrected, "annotated": annotated}

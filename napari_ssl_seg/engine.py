@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from napari_ssl_seg import __version__
-from napari_ssl_seg.config import AUTO, TrainConfig, resolve_method
+from napari_ssl_seg.config import AUTO, TrainConfig, check_training_memory, resolve_method
 from napari_ssl_seg.data import (
     TwoStreamSampler,
     in_channels,
@@ -193,6 +193,7 @@ def train_round(
     if config.threads:
         torch.set_num_threads(config.threads)
     device = pick_device(config.device)
+    check_training_memory(config, device=device)  # before any data is loaded
     revision = project.revision
     previous = project.latest_round
     yield {"phase": "load", "iteration": 0, "total": config.iterations, "elapsed": 0.0}

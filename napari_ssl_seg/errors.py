@@ -27,3 +27,15 @@ class UnsupportedFileError(SslSegError, ValueError):
 
 class ProjectLockedError(ProjectError):
     """Another process (or thread) is writing the project and did not finish in time."""
+
+
+class PathExistsError(SslSegError, FileExistsError):
+    """A call would replace an existing file or directory and was not asked to.
+
+    ``path`` names it, so each front end can say how its user asks: ``overwrite=True``
+    in Python, ``--overwrite`` on the command line.
+    """
+
+    def __init__(self, path, message: str | None = None) -> None:
+        self.path = path
+        super().__init__(message or f"{path} already exists; pass overwrite=True to replace it")

@@ -32,9 +32,16 @@ from typing import Any
 import numpy as np
 
 from napari_ssl_seg import _formats, _ome_zarr
-from napari_ssl_seg.errors import InvalidInputError, UnsupportedFileError
+from napari_ssl_seg.errors import InvalidInputError, PathExistsError, UnsupportedFileError
 
-__all__ = ["Volume", "detect_format", "open_volume", "read_volume", "write_labels"]
+__all__ = [
+    "Volume",
+    "check_output_path",
+    "detect_format",
+    "open_volume",
+    "read_volume",
+    "write_labels",
+]
 
 #: Suffixes :func:`open_volume` and :func:`write_labels` understand, by format.
 SUFFIXES = {
@@ -152,6 +159,7 @@ def write_labels(
     voxel_size: tuple[float, float, float] | None = None,
     affine: np.ndarray | None = None,
     name: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a label volume; the format follows the extension of ``path``.
 
@@ -180,6 +188,9 @@ def write_labels(
         from ``voxel_size`` (or the identity).
     name : str, optional
         Name of the label image in a Zarr store; defaults to the file name stem.
+    overwrite : bool
+        Replace what is at ``path``: a file, or a Zarr store that is not a
+        napari-ssl-seg project. False refuses any existing path.
 
     Returns
     -------
@@ -187,8 +198,13 @@ def write_labels(
         The path written. The data goes to a temporary name beside it and is renamed
         at the end, so a failed write leaves no half-written target (and leaves an
         existing target untouched).
+
+    Raises
+    ------
+    PathExistsError
+        ``path`` exists and ``overwrite`` is False.
     """
-    path = Path(path)
+    path = check_output_path(path, overwrite=overwrite)  # before reading a lazy volume
     kind = _write_format(path)
     labels = _compact_labels(labels)
     voxel_size = _check_voxel_size(voxel_size)
@@ -196,7 +212,6 @@ def write_labels(
         affine = _check_affine(affine)
         if voxel_size is None:
             voxel_size = _voxel_size_from_affine(affine)
-    _check_target(path, kind)
     name = name or _stem(path)
 
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial{_suffix(path)}")
@@ -351,15 +366,34 @@ def _voxel_size_from_affine(affine: np.ndarray) -> tuple[float, float, float] | 
     return tuple(float(z) for z in zooms) if (zooms > 0).all() else None
 
 
-def _check_target(path: Path, kind: str) -> None:
+def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Check that :func:`write_labels` may write ``path``, before any work is done.
+
+    Raises
+    ------
+    UnsupportedFileError
+        Not a name :func:`write_labels` understands.
+    FileNotFoundError
+        The folder does not exist.
+    PathExistsError
+        ``path`` exists and ``overwrite`` is False.
+    FileExistsError, ProjectError
+        ``overwrite`` is True but ``path`` is a directory that is not a Zarr store, or
+        a napari-ssl-seg project: neither is ever replaced.
+    """
+    path = Path(path)
+    kind = _write_format(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(
             f"cannot write {str(path)!r}: the folder {str(path.parent)!r} does not exist"
         )
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise PathExistsError(path)
     if kind != "zarr" and path.is_dir():
         raise IsADirectoryError(f"cannot write {str(path)!r}: a directory of that name exists")
     if kind == "zarr" and path.exists():
         _ome_zarr.check_replaceable(path)
+    return path
 
 
 def _replace(tmp: Path, target: Path) -> None:

@@ -24,6 +24,10 @@ from napari_ssl_seg.errors import InvalidInputError
 
 #: dtype of every stored label array (annotations, corrections, pseudo-labels, merged).
 LABEL_DTYPE = np.uint16
+#: Largest class label a label file may hold unless the caller allows more: a network
+#: has one output per class up to the largest label, so an instance or intensity image
+#: taken for labels would make thousands.
+MAX_CLASSES = 255
 
 
 def check_image(image, *, name: str = "image") -> None:
@@ -65,7 +69,13 @@ def check_image(image, *, name: str = "image") -> None:
                 )
 
 
-def check_labels(labels, *, shape: Sequence[int] | None = None, name: str = "labels") -> None:
+def check_labels(
+    labels,
+    *,
+    shape: Sequence[int] | None = None,
+    name: str = "labels",
+    max_classes: int | None = None,
+) -> None:
     """Check ``labels`` against the label contract.
 
     Parameters
@@ -76,13 +86,23 @@ def check_labels(labels, *, shape: Sequence[int] | None = None, name: str = "lab
         The image shape the labels must match.
     name : str
         What to call the array in error messages.
+    max_classes : int, optional
+        Largest label allowed (:data:`MAX_CLASSES` where a label file is imported);
+        None checks only what the stored uint16 holds.
 
     Raises
     ------
     InvalidInputError
-        Float or non-integer dtype, negative values, a shape that is not ``shape``, or
-        values too large for the stored uint16.
+        Float or non-integer dtype, negative values, a shape that is not ``shape``,
+        values too large for the stored uint16, or a label above ``max_classes`` (the
+        message counts the distinct values: an instance or intensity image, likely).
     """
+    if max_classes is not None and (
+        isinstance(max_classes, bool)
+        or not isinstance(max_classes, (int, np.integer))
+        or max_classes < 1
+    ):
+        raise InvalidInputError(f"max_classes must be an integer >= 1, got {max_classes!r}")
     labels = _as_array_like(labels)
     lshape, dtype = tuple(labels.shape), np.dtype(labels.dtype)
     if dtype.kind == "b":
@@ -99,9 +119,16 @@ def check_labels(labels, *, shape: Sequence[int] | None = None, name: str = "lab
             f"{name}: labels must be >= 0, found {int(arr.min())} "
             "(unannotated voxels are recorded separately, not with negative values)"
         )
-    if arr.size and arr.max() > np.iinfo(LABEL_DTYPE).max:
+    high = int(arr.max()) if arr.size else 0
+    if high > np.iinfo(LABEL_DTYPE).max:
+        raise InvalidInputError(f"{name}: label {high} is larger than {np.iinfo(LABEL_DTYPE).max}")
+    if max_classes is not None and high > max_classes:
+        # Counted only here: np.unique sorts the volume, too slow for every import.
+        distinct = len(np.unique(arr))
         raise InvalidInputError(
-            f"{name}: label {int(arr.max())} is larger than {np.iinfo(LABEL_DTYPE).max}"
+            f"{name}: looks like an instance image or an intensity image: {distinct} "
+            f"distinct values / max label {high}; convert it to classes 0..K-1 or pass "
+            f"--max-classes (max_classes= in Python; now {max_classes})"
         )
 
 

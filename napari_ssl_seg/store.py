@@ -67,6 +67,7 @@ from zarr.storage import LocalStore
 from napari_ssl_seg import __version__
 from napari_ssl_seg.errors import (
     InvalidInputError,
+    PathExistsError,
     ProjectError,
     ProjectLockedError,
     SignatureMismatchError,
@@ -74,10 +75,12 @@ from napari_ssl_seg.errors import (
 )
 from napari_ssl_seg.labels import (
     LABEL_DTYPE,
+    MAX_CLASSES,
     HumanState,
     apply_human_edit,
     check_image,
     check_labels,
+    labelled_slices,
     merge_labels,
 )
 
@@ -329,9 +332,13 @@ class Project:
         voxel_size: Sequence[float] | None = None,
         units: str = "micrometer",
         source: str = "",
+        labels=None,
+        annotated_slices: Sequence[int] | None = None,
+        max_classes: int = MAX_CLASSES,
+        edit_source: str = "api",
         overwrite: bool = False,
     ) -> Project:
-        """Create a project for ``image`` at ``path``.
+        """Create a project for ``image`` at ``path``, with its first annotations if given.
 
         Parameters
         ----------
@@ -344,16 +351,30 @@ class Project:
             The slice axis along which annotators label and 2D models train.
         voxel_size : sequence of 3 floats, optional
             Physical size of a voxel along (Z, Y, X) in ``units``.
+        labels : (Z, Y, X) integer array-like, optional
+            Human annotations to start with (label contract: 0 = background on annotated
+            voxels, 1..K-1 = classes), recorded as edits by ``edit_source`` before the
+            project appears at ``path``.
+        annotated_slices : sequence of int, optional
+            The slices of ``labels`` (along ``axis``) that count as annotated, empty ones
+            included; default those holding any label.
+        max_classes : int
+            Largest label ``labels`` may hold (see :func:`~napari_ssl_seg.labels.check_labels`).
         overwrite : bool
-            Replace an existing directory at ``path``; it is removed only once the new
+            Replace the napari-ssl-seg project at ``path``; it is removed only once the new
             project is complete, so a failed or killed create leaves it as it was.
+            Anything else at ``path`` is never replaced.
 
         Raises
         ------
         InvalidInputError
-            The image is not a finite numeric 3D volume, or ``axis``/``voxel_size`` are off.
-        ProjectError
+            The image is not a finite numeric 3D volume, ``axis``/``voxel_size`` are
+            off, or ``labels``/``annotated_slices`` break the label contract. Every input
+            is checked before anything is written.
+        PathExistsError
             ``path`` exists and ``overwrite`` is False.
+        ProjectError
+            ``overwrite`` is True but ``path`` is not a napari-ssl-seg project.
         """
         path = Path(path)
         check_image(image, name=source or "image")
@@ -363,8 +384,14 @@ class Project:
             raise InvalidInputError(f"axis must be 0, 1 or 2, got {axis!r}")
         axis = int(axis)
         voxel_size = _check_voxel_size(voxel_size)
-        if path.exists() and not overwrite:
-            raise ProjectError(f"{path} already exists; pass overwrite=True to replace it")
+        slices = _initial_slices(labels, annotated_slices, shape, axis, max_classes)
+        if path.exists() or path.is_symlink():
+            if not overwrite:
+                raise PathExistsError(path)
+            if not _is_project(path):
+                raise ProjectError(
+                    f"{path} is not a napari-ssl-seg project; refusing to replace it"
+                )
         # Build beside the target and rename at the end: a crash leaves no half project,
         # and an existing project is replaced only once its successor is complete.
         tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
@@ -372,6 +399,10 @@ class Project:
             shutil.rmtree(tmp)
         try:
             cls._build(tmp, image, shape, axis, voxel_size, units, source)
+            if slices:
+                cls.open(tmp, verify=False).annotate_slices(
+                    labels, slices, source=edit_source, max_classes=max_classes
+                )
             if path.exists():
                 old = path.with_name(f".{path.name}.{os.getpid()}.old")
                 if old.exists():
@@ -774,7 +805,14 @@ class Project:
             self._mark_done(edit_id)
         return _edit_from_record(record, int(mask.sum()))
 
-    def annotate_slices(self, labels, slices: Sequence[int], *, source: str = "api") -> list[Edit]:
+    def annotate_slices(
+        self,
+        labels,
+        slices: Sequence[int],
+        *,
+        source: str = "api",
+        max_classes: int = MAX_CLASSES,
+    ) -> list[Edit]:
         """Mark ``slices`` as fully annotated with the labels of a whole volume.
 
         Parameters
@@ -784,8 +822,10 @@ class Project:
             a slice may hold only background (an annotated empty slice).
         slices : sequence of int
             Indices along the project axis.
+        max_classes : int
+            Largest label ``labels`` may hold (an instance or intensity image is refused).
         """
-        check_labels(labels, shape=self.shape, name="labels")
+        check_labels(labels, shape=self.shape, name="labels", max_classes=max_classes)
         regions = self._slice_regions(slices)
         edits = []
         for region in regions:
@@ -801,7 +841,13 @@ class Project:
         return edits
 
     def correct_slices(
-        self, labels, slices: Sequence[int], *, round: int | None = None, source: str = "api"
+        self,
+        labels,
+        slices: Sequence[int],
+        *,
+        round: int | None = None,
+        source: str = "api",
+        max_classes: int = MAX_CLASSES,
     ) -> list[Edit]:
         """Record ``slices`` of ``labels`` as human corrections of round ``round``.
 
@@ -811,7 +857,7 @@ class Project:
         round = self.latest_round if round is None else int(round)
         if round < 1:
             raise ProjectError(f"{self.path}: no round to correct yet; train a round first")
-        check_labels(labels, shape=self.shape, name="labels")
+        check_labels(labels, shape=self.shape, name="labels", max_classes=max_classes)
         return [
             self.apply_edit(
                 "correction", region, np.asarray(labels[region]), round=round, source=source
@@ -1383,6 +1429,36 @@ def _edit_from_record(record: dict, n_voxels: int) -> Edit:
         time=record["time"],
         whole_slices=bool(record.get("whole_slices")),
     )
+
+
+def _is_project(path: Path) -> bool:
+    """True for a directory whose root metadata marks a napari-ssl-seg project."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and _ATTR in (meta.get("attributes") or {})
+
+
+def _initial_slices(labels, slices, shape, axis, max_classes) -> list[int]:
+    """The slices :meth:`Project.create` annotates, every input checked first."""
+    if labels is None:
+        if slices is not None:
+            raise InvalidInputError("annotated_slices needs labels (the labels of those slices)")
+        return []
+    check_labels(labels, shape=shape, name="labels", max_classes=max_classes)
+    if slices is None:
+        return labelled_slices(np.asarray(labels), axis)
+    slices = list(slices)
+    bad = [i for i in slices if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+    if bad:
+        raise InvalidInputError(f"annotated_slices must be integers, got {bad}")
+    outside = [int(i) for i in slices if not 0 <= i < shape[axis]]
+    if outside:
+        raise InvalidInputError(
+            f"annotated_slices {outside} are outside 0..{shape[axis] - 1} along axis {axis}"
+        )
+    return sorted({int(i) for i in slices})
 
 
 def _check_voxel_size(voxel_size) -> tuple[float, float, float] | None:

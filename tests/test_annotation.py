@@ -273,6 +273,31 @@ def test_export_labels(tiny_project, tiny_config, tmp_path):
     np.testing.assert_array_equal(model.data, project.pseudo_labels(1)[...])
 
 
+def test_export_labels_never_replaces_unasked(tmp_path):
+    import tifffile
+    from conftest import disks_volume
+
+    from napari_ssl_seg.errors import PathExistsError
+    from napari_ssl_seg.store import Project
+
+    image, labels = disks_volume()
+    source = tmp_path / "cells.tif"
+    tifffile.imwrite(source, image)
+    project = Project.create(tmp_path / "p.zarr", image, source=str(source))
+    project.annotate_slices(labels, [4])
+    out = tmp_path / "out.tif"
+    out.write_bytes(b"an older export")
+    with pytest.raises(PathExistsError, match=r"out\.tif already exists; pass overwrite=True"):
+        ann.export_labels(project, out)
+    assert out.read_bytes() == b"an older export"
+    written = ann.export_labels(project, out, overwrite=True)
+    np.testing.assert_array_equal(read_volume(written).data, project.merged_labels())
+    for target in (source, project.path / "x.tif", project.path):
+        with pytest.raises(InvalidInputError, match="refusing to write there"):
+            ann.export_labels(project, target, overwrite=True)
+    np.testing.assert_array_equal(tifffile.imread(source), image)
+
+
 def test_format_slices():
     assert ann.format_slices([9, 3, 4, 5]) == "3-5, 9"
     assert ann.format_slices([]) == ""

@@ -117,7 +117,7 @@ def test_written_zarr_is_ome_ngff_05_with_labels(tmp_path, labels):
 def test_zarr_overwrite_replaces_the_store(tmp_path, labels):
     path = tmp_path / "a.zarr"
     io.write_labels(path, labels, name="first")
-    io.write_labels(path, labels + 1, name="second")
+    io.write_labels(path, labels + 1, name="second", overwrite=True)
     np.testing.assert_array_equal(io.read_volume(path).data, labels + 1)
     assert not (path / "labels" / "first").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr"]
@@ -264,10 +264,10 @@ def test_bad_inputs_write(tmp_path, labels):
     (tmp_path / "dir.zarr").mkdir()
     (tmp_path / "dir.zarr" / "notes.txt").write_text("precious")
     with pytest.raises(FileExistsError, match=r"dir\.zarr.*not a Zarr store"):
-        io.write_labels(tmp_path / "dir.zarr", labels)
+        io.write_labels(tmp_path / "dir.zarr", labels, overwrite=True)
     zarr.open_group(tmp_path / "proj.zarr", mode="w", attributes={"napari_ssl_seg": {}})
     with pytest.raises(ProjectError, match=r"proj\.zarr.*napari-ssl-seg project"):
-        io.write_labels(tmp_path / "proj.zarr", labels)
+        io.write_labels(tmp_path / "proj.zarr", labels, overwrite=True)
     assert (tmp_path / "dir.zarr" / "notes.txt").read_text() == "precious"
 
 
@@ -290,7 +290,7 @@ def test_failed_write_leaves_nothing_half_written(tmp_path, labels, monkeypatch,
 
     monkeypatch.setattr(*WRITERS[name], fail_midway)
     with pytest.raises(OSError, match="disk full"):
-        io.write_labels(path, labels + 1)
+        io.write_labels(path, labels + 1, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     np.testing.assert_array_equal(io.read_volume(path).data, labels)
 
@@ -311,3 +311,15 @@ def test_headless_imports():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("name", ["a.tif", "a.nii.gz", "a.zarr"])
+def test_write_replaces_an_existing_path_only_when_asked(tmp_path, labels, name):
+    from napari_ssl_seg.errors import PathExistsError
+
+    path = io.write_labels(tmp_path / name, labels)
+    with pytest.raises(PathExistsError, match=rf"{name} already exists; pass overwrite=True"):
+        io.write_labels(path, labels + 1)
+    np.testing.assert_array_equal(io.read_volume(path).data, labels)
+    io.write_labels(path, labels + 1, overwrite=True)
+    np.testing.assert_array_equal(io.read_volume(path).data, labels + 1)

@@ -6,6 +6,7 @@ import pytest
 from napari_ssl_seg.errors import InvalidInputError
 from napari_ssl_seg.labels import (
     LABEL_DTYPE,
+    MAX_CLASSES,
     check_image,
     check_labels,
     labelled_slices,
@@ -112,6 +113,26 @@ def test_check_labels_accepts_nested_lists():
 def test_check_labels_bad_inputs(labels, match):
     with pytest.raises(InvalidInputError, match=match):
         check_labels(labels, shape=(2, 3, 4), name="ann")
+
+
+def test_check_labels_refuses_more_classes_than_allowed():
+    instances = np.arange(2 * 30 * 30, dtype=np.uint16).reshape(2, 30, 30)  # one per voxel
+    message = (
+        r"ann: looks like an instance image or an intensity image: 1800 distinct values / "
+        r"max label 1799; convert it to classes 0\.\.K-1 or pass --max-classes"
+    )
+    with pytest.raises(InvalidInputError, match=message):
+        check_labels(instances, name="ann", max_classes=MAX_CLASSES)
+    check_labels(instances, name="ann", max_classes=1799)
+    check_labels(instances, name="ann")  # only the stored uint16 bounds a single edit
+    with pytest.raises(InvalidInputError, match="max label 1799"):
+        check_labels(instances, name="ann", max_classes=1000)
+    assert MAX_CLASSES == 255
+    check_labels(np.full((2, 3, 4), 255, np.uint8), max_classes=MAX_CLASSES)
+    with pytest.raises(InvalidInputError, match="1 distinct values / max label 256"):
+        check_labels(np.full((2, 3, 4), 256, np.uint16), max_classes=MAX_CLASSES)
+    with pytest.raises(InvalidInputError, match="max_classes must be an integer >= 1, got 0"):
+        check_labels(np.zeros((2, 3, 4), np.uint8), max_classes=0)
 
 
 # ------------------------------------------------------------- parse_slice_list

@@ -18,7 +18,12 @@ import numpy as np
 import pytest
 import zarr
 
-from napari_ssl_seg.errors import InvalidInputError, ProjectError, SignatureMismatchError
+from napari_ssl_seg.errors import (
+    InvalidInputError,
+    PathExistsError,
+    ProjectError,
+    SignatureMismatchError,
+)
 from napari_ssl_seg.labels import LABEL_DTYPE
 from napari_ssl_seg.store import SCHEMA_VERSION, Project, chunk_shape, image_signature
 
@@ -727,12 +732,12 @@ def test_create_over_an_existing_path_needs_overwrite(project, labels, tmp_path)
     project.annotate_slices(labels, [2])
     before = state(project.path)
     with pytest.raises(
-        ProjectError, match=r"p\.zarr already exists; pass overwrite=True to replace it"
+        PathExistsError, match=r"p\.zarr already exists; pass overwrite=True to replace it"
     ):
         Project.create(project.path, np.ones((2, 2, 2), np.uint8))
     assert_same_state(before, state(project.path))
     (tmp_path / "file.zarr").write_text("not a directory")
-    with pytest.raises(ProjectError, match="already exists"):
+    with pytest.raises(PathExistsError, match="already exists"):
         Project.create(tmp_path / "file.zarr", np.ones((2, 2, 2), np.uint8))
     assert (tmp_path / "file.zarr").read_text() == "not a directory"
 
@@ -1014,3 +1019,61 @@ def test_projects_along_another_axis(tmp_path, axis):
     np.testing.assert_array_equal(merged[again.slice_index(1)], 4)
     np.testing.assert_array_equal(merged[again.slice_index(3)], 2)
     np.testing.assert_array_equal(merged[again.slice_index(2)], 1)
+
+
+# ------------------------------------------------ create with labels, safe overwrite
+def test_create_with_labels_annotates_before_the_swap(project, image, labels):
+    project.annotate_slices(labels, [2])
+    before = state(project.path)
+    with pytest.raises(InvalidInputError, match=r"shape \(2, 2, 2\) does not match"):
+        Project.create(project.path, image, labels=np.zeros((2, 2, 2), np.uint8), overwrite=True)
+    with pytest.raises(InvalidInputError, match=r"slices \[9\] are outside 0\.\.5"):
+        Project.create(project.path, image, labels=labels, annotated_slices=[4, 9], overwrite=True)
+    assert_same_state(before, state(project.path))
+    assert [p.name for p in project.path.parent.iterdir()] == ["p.zarr"]
+    fresh = Project.create(
+        project.path, image, labels=labels, annotated_slices=[0, 4], overwrite=True
+    )
+    assert fresh.annotated_slices() == [0, 4]
+    assert [e.kind for e in fresh.edits()] == ["annotation", "annotation"]
+    np.testing.assert_array_equal(fresh.final[4], labels[4])
+    default = Project.create(project.path, image, labels=labels, overwrite=True)
+    assert default.annotated_slices() == [2, 4]  # the slices holding a label
+    with pytest.raises(InvalidInputError, match="annotated_slices needs labels"):
+        Project.create(project.path, image, annotated_slices=[1], overwrite=True)
+
+
+@pytest.mark.parametrize("kind", ["folder", "file", "zarr group", "zarr array"])
+def test_overwrite_replaces_only_a_project(tmp_path, image, kind):
+    target = tmp_path / "target"
+    if kind == "folder":
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+    elif kind == "file":
+        target.write_text("mine")
+    elif kind == "zarr group":
+        zarr.open_group(target, mode="w", attributes={"mine": 1})
+    else:
+        zarr.save_array(target, np.arange(3))
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(
+        ProjectError, match=r"target is not a napari-ssl-seg project; refusing to replace it"
+    ):
+        Project.create(target, image, overwrite=True)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_annotate_and_correct_refuse_labels_that_are_not_classes(project, labels):
+    instances = labels.copy()
+    instances[3].flat[:300] = np.arange(1, 301)
+    with pytest.raises(InvalidInputError, match=r"301 distinct values / max label 300"):
+        project.annotate_slices(instances, [3])
+    assert project.annotated_slices() == []
+    project.annotate_slices(instances, [3], max_classes=300)
+    assert project.annotated_slices() == [3]
+    commit_round(project, 1)
+    with pytest.raises(InvalidInputError, match=r"max label 300"):
+        project.correct_slices(instances, [3])
+    assert project.corrected_slices() == []
+    project.correct_slices(instances, [3], max_classes=1000)
+    assert project.corrected_slices() == [3]

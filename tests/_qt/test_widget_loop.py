@@ -355,3 +355,33 @@ def test_gui_stays_responsive_while_training(make_napari_viewer, qtbot, tif, cro
     assert iterations > 0 and widget.project.latest_round == 1
     assert late.max() < 250, f"the GUI froze for {late.max():.0f} ms"
     widget.close()
+
+
+def test_export_replaces_a_file_only_after_the_save_dialog(
+    make_napari_viewer, qtbot, tmp_path, tif, monkeypatch
+):
+    from napari_ssl_seg import _widget
+
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, tif)
+    assert widget.open_project(wait=True)
+    out = tmp_path / "out.tif"
+    out.write_bytes(b"an older export")
+    assert widget.export(out) is None  # a script's call: nobody asked
+    assert "already exists" in widget.status_label.text()
+    assert out.read_bytes() == b"an older export"
+
+    # The save dialog asks "replace?" itself before it returns an existing name.
+    chosen = []
+    monkeypatch.setattr(
+        _widget.QFileDialog, "getSaveFileName", lambda *a, **k: (str(chosen[-1]), "")
+    )
+    chosen.append(out)
+    widget.export_button.click()
+    np.testing.assert_array_equal(io.read_volume(out).data, widget.project.merged_labels())
+    source = tif.read_bytes()
+    chosen.append(tif)  # even confirmed, the source image is never written over
+    widget.export_button.click()
+    assert "source image" in widget.status_label.text()
+    assert tif.read_bytes() == source
+    widget.close()
