@@ -389,7 +389,11 @@ class SslSegWidget(WidgetLayout, QWidget):
         while self._saving and self._saving[0][0].done():
             future, r, _ = self._saving.pop(0)
             if future.exception() is not None:
-                self._message(f"Could not save the last strokes: {future.exception()}", "error")
+                # The session keeps what it could not write and writes it first next time.
+                self._message(
+                    f"Strokes not saved yet ({future.exception()}); retrying.", "warning"
+                )
+                self._save_timer.start()
             else:
                 self._show_saved(future.result(), r)
         if not self._saving:

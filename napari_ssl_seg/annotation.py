@@ -418,6 +418,8 @@ class AnnotationSession:
         self._undos: list[tuple[int, str, frozenset, list]] = []
         # (kind, item key) -> (seq, edit ids) of the written strokes, for undo.
         self._edits_of: dict[tuple[str, frozenset], tuple[int, list[int]]] = {}
+        self._reverted: set[tuple[str, frozenset]] = set()  # items whose edits were reverted
+        self._failed: list[tuple[tuple, int]] = []  # (job, round) a failed write left
         self._writer = (
             ThreadPoolExecutor(1, thread_name_prefix="napari-ssl-seg-writer")
             if background
@@ -439,7 +441,9 @@ class AnnotationSession:
     @property
     def pending(self) -> bool:
         """True while strokes wait in a buffer (not counting background writes)."""
-        return bool(len(self.annotations) or len(self.corrections) or self._undos)
+        return bool(
+            len(self.annotations) or len(self.corrections) or self._undos or self._failed
+        )
 
     def add_stroke(self, kind: str, item: Iterable[Any]) -> None:
         """Buffer a napari history item painted (or redone) on the ``kind`` layer.
@@ -579,37 +583,50 @@ class AnnotationSession:
         return sorted(jobs, key=lambda job: job[0])
 
     def _write(self, jobs: list[tuple], round: int, merged_round: int | None) -> Saved:
+        """Write ``jobs`` (after those a failed write left); a job that fails, and those
+        after it, are kept with their values to be written first by the next flush."""
+        with self._lock:
+            queued = [(job, round) for job in jobs]
+            queued[:0], self._failed = self._failed, []
         saved = Saved()
-        reverted: set[tuple[str, frozenset]] = set()
-        for seq, kind, key, region, values, mask, undo in jobs:
-            if undo and (kind, key) in reverted:
-                continue  # one revert covers every box of the item
-            written = self._edits_of.pop((kind, key), None) if undo else None
-            if written is not None:
-                reverted.add((kind, key))
-                edit = self.project.revert_edits(written[1], source=self.source)
-            elif region is None:
-                continue
-            else:
-                edit = self.project.apply_edit(
-                    kind,
-                    region,
-                    values,
-                    mask,
-                    round=round if kind == "correction" else 0,
-                    source=self.source,
-                    whole_slices=kind == "annotation" and not undo,
-                )
-                if not undo:
-                    known = self._edits_of.get((kind, key))
-                    ids = known[1] if known is not None and known[0] == seq else []
-                    self._edits_of[(kind, key)] = (seq, ids + [edit.id])
-            saved.edits.append(edit)
-            self._update_rows(edit)
-            if merged_round is not None and (kind == "annotation" or written is not None):
-                whole = _whole_slices(edit.region, self.project.shape, self.project.axis)
-                saved.merged.append((whole, self.project.merged_labels(merged_round, whole)))
+        for k, (job, job_round) in enumerate(queued):
+            try:
+                self._write_one(job, job_round, merged_round, saved)
+            except BaseException:
+                with self._lock:
+                    self._failed[:0] = queued[k:]
+                raise
         return saved
+
+    def _write_one(self, job: tuple, round: int, merged_round: int | None, saved: Saved) -> None:
+        seq, kind, key, region, values, mask, undo = job
+        written = self._edits_of.get((kind, key)) if undo else None
+        if written is not None:
+            edit = self.project.revert_edits(written[1], source=self.source)
+            del self._edits_of[(kind, key)]
+            self._reverted.add((kind, key))
+        elif region is None or (undo and (kind, key) in self._reverted):
+            return  # nothing to undo, or one revert covered every box of the item
+        else:
+            edit = self.project.apply_edit(
+                kind,
+                region,
+                values,
+                mask,
+                round=round if kind == "correction" else 0,
+                source=self.source,
+                whole_slices=kind == "annotation" and not undo,
+            )
+            if not undo:
+                known = self._edits_of.get((kind, key))
+                ids = known[1] if known is not None and known[0] == seq else []
+                self._edits_of[(kind, key)] = (seq, ids + [edit.id])
+                self._reverted.discard((kind, key))
+        saved.edits.append(edit)
+        self._update_rows(edit)
+        if merged_round is not None and (kind == "annotation" or written is not None):
+            whole = _whole_slices(edit.region, self.project.shape, self.project.axis)
+            saved.merged.append((whole, self.project.merged_labels(merged_round, whole)))
 
     def _update_rows(self, edit: Edit) -> None:
         """Re-read which of the edit's slices hold annotated and corrected voxels."""

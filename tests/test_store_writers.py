@@ -381,3 +381,25 @@ def test_merged_labels_with_a_truncated_round_chunk(project):
     with pytest.raises(ProjectError, match="array labels/pseudo_r001/0 is damaged"):
         project.merged_labels()
     json.loads((project.path / "ssl_seg" / "rounds" / "r001" / "record.json").read_text())
+
+
+def test_strokes_a_locked_project_refused_are_written_later(project, holder):
+    from napari_ssl_seg.annotation import AnnotationSession
+    from napari_ssl_seg.errors import ProjectLockedError
+
+    project.lock_timeout = 0.2
+    session = AnnotationSession(project, background=True)
+    layer = np.zeros(SHAPE, np.uint16)
+    layer[1, 2:5, 2:5] = 2
+    index = np.nonzero(layer)
+    session.add_stroke("annotation", [(index, np.zeros(9), 2)])
+    with pytest.raises(ProjectLockedError, match=r"being written by pid \d+"):
+        session.flush_async(layer).result(30)
+    assert session.pending  # kept, with its values
+    layer[1, 2:5, 2:5] = 0  # what the layer shows later does not change what was painted
+    holder.kill()
+    holder.wait()
+    saved = session.flush(layer)
+    assert [e.kind for e in saved.edits] == ["annotation"] and not session.pending
+    assert (project.annotations[1, 2:5, 2:5] == 2).all() and project.annotated_slices() == [1]
+    session.close()
