@@ -185,3 +185,91 @@ def test_strokes_painted_while_a_round_lands_are_kept(make_napari_viewer, qtbot,
     assert not (merged[~painted] >= 3).any()  # and nothing else
     assert (project.corrected[...][painted] > 0).all()
     widget.close()
+
+
+def test_stress_painting_through_three_rounds_beside_a_cli_correct(
+    make_napari_viewer, qtbot, tmp_path, trained, crop
+):
+    """The widget paints on both layers without pause while its child trains three rounds
+    and a CLI ``correct`` writes the same project: every stroke is stored, in the order
+    made, with its provenance, and the export shows it."""
+    import subprocess
+    import sys
+
+    from qtpy.QtCore import QTimer
+
+    tif, project = trained
+    _, truth = crop
+    cli_labels = tmp_path / "cli.tif"
+    tifffile.imwrite(cli_labels, truth.astype(np.uint16))
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, tif)
+    pseudo, annotations = widget.pseudo_layer, widget.annotation_layer
+    corrected_slices = [4, 5, 6, 7, 9, 10]
+    spots = [(z, y, x) for y in range(4, 62, 6) for x in range(4, 62, 6) for z in corrected_slices]
+    order: list = []  # (layer name, spot, label) as painted
+    count = [0]
+
+    def paint_next():
+        k = count[0]
+        count[0] += 1
+        if k % 5 == 4:  # every fifth stroke: the annotation layer, on annotated slice 2
+            spot = (2, 4 + (k // 5 * 7) % 56, 4 + (k // 5 * 3) % 56)
+            name, layer, label = "annotation", annotations, 2
+        else:
+            spot = spots[k % len(spots)]
+            name, layer, label = "correction", pseudo, 3 + k // len(spots) % 5
+        layer.brush_size = 1
+        if layer.data[spot] != label:  # napari records no stroke that changes nothing
+            order.append((name, spot, label))
+        layer.paint(spot, label)
+
+    clock = QTimer(interval=40)
+    clock.timeout.connect(paint_next)
+    clock.start()
+    cli = None
+    for r in (2, 3, 4):
+        qtbot.waitUntil(lambda: widget.train_button.isEnabled(), timeout=ROUND_TIMEOUT_MS)
+        widget.train_button.click()
+        if r == 3:  # a second writer, while the widget paints and its child trains
+            cli = subprocess.Popen(
+                [sys.executable, "-m", "napari_ssl_seg.cli", "correct", str(project.path),
+                 "--labels", str(cli_labels), "--slices", "0,11"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+        qtbot.waitUntil(lambda r=r: widget.round == r, timeout=ROUND_TIMEOUT_MS)
+    out, err = cli.communicate(timeout=120)
+    assert cli.returncode == 0, err
+    qtbot.wait(500)  # strokes on round 4 too
+    clock.stop()
+    saved(qtbot, widget)
+    assert project.latest_round == 4 and len(order) > 100
+
+    last = {(kind, spot): (k, label) for k, (kind, spot, label) in enumerate(order)}
+    merged = project.merged_labels()
+    for (kind, spot), (_, label) in last.items():
+        assert merged[spot] == label, (kind, spot, label, merged[spot])
+        assert (pseudo if kind == "correction" else annotations).data[spot] == label
+    np.testing.assert_array_equal(merged[[0, 11]], truth[[0, 11]])  # the CLI's
+    written = io.read_volume(widget.export(tmp_path / "out.tif")).data
+    np.testing.assert_array_equal(written, merged)
+
+    # Provenance and order: each spot's last stroke is in an edit of the widget's, and
+    # those edits come in the order the strokes were made.
+    edits = project.edits()
+    assert {e.source for e in edits} == {"test", "widget", "cli"}
+    assert [e.kind for e in edits if e.source == "cli"] == ["correction", "correction"]
+
+    def edit_of(kind, spot):
+        return max(
+            e.id
+            for e in edits
+            if e.kind == kind
+            and e.source == "widget"
+            and all(s.start <= c < s.stop for s, c in zip(e.region, spot, strict=True))
+        )
+
+    in_order = sorted(last.items(), key=lambda item: item[1][0])
+    ids = [edit_of(kind, spot) for (kind, spot), _ in in_order]
+    assert ids == sorted(ids)
+    widget.close()
