@@ -17,6 +17,7 @@ fitting and prediction. One case at a time, so the two never share the cores.
 
     python benchmarks/dev_suite.py --tag laptop --docs docs/benchmarks.md
     python benchmarks/dev_suite.py --quick --cases sample-3,tiny-2      # a smoke test
+    python benchmarks/dev_suite.py --report-from results/dev-suite-laptop.jsonl   # a stopped run
 
 Writes ``benchmarks/results/dev-suite-<tag>.md`` and ``.json`` with ``--tag``, and the
 table into the ``dev-suite`` section of the file given to ``--docs``.
@@ -204,7 +205,7 @@ def table(rows: list[dict], cases: Sequence[str]) -> tuple[str, list[str]]:
         delta = "-"
         if d and f:
             points = 100 * (np.mean(d) - np.mean(f))
-            delta = f"{points:+.1f}"
+            delta = f"{points:+.2f}"
             if points < 0:
                 losses.append(f"{name} ({delta})")
         ran = sorted({r["default"]["method"] for r in mine if "method" in r["default"]})
@@ -290,6 +291,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the forest uses every usable core)",
     )
     parser.add_argument("--note", help="a line printed with the results (e.g. machine load)")
+    parser.add_argument(
+        "--report-from",
+        type=Path,
+        help="run nothing: the report of the rows a stopped run streamed to this .jsonl",
+    )
     args = parser.parse_args(argv)
     args.n_jobs = args.threads or len(os.sched_getaffinity(0))
     return args
@@ -297,12 +303,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_from:
+        return rebuild(args)
     info = machine_info("cpu")
     print(machine_markdown(info, command_line()), flush=True)
     stream = RESULTS_DIR / f"dev-suite-{args.tag}.jsonl" if args.tag else None
     if stream:
         stream.parent.mkdir(parents=True, exist_ok=True)
-        stream.write_text("")
+        header = {"command": command_line(), "machine": info, "arguments": _arguments(args)}
+        stream.write_text(json.dumps(header) + "\n")
     rows, started = [], time.perf_counter()
     for seed in args.seeds:
         for name in args.cases:
@@ -323,11 +332,50 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"forest {show['forest']}",
                 flush=True,
             )
+    return publish(args, rows, info, report(rows, args.cases, args, info))
+
+
+def rebuild(args) -> int:
+    """The report of a run that was stopped, from the rows it streamed (``--report-from``).
+
+    Only seeds that finished every case the stream holds are kept, so each row of the
+    table averages the same seeds.
+    """
+    path = args.report_from
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    header = next((line for line in lines if "case" not in line), None)
+    rows = [line for line in lines if "case" in line]
+    args.cases = [c for c in CASES if any(r["case"] == c for r in rows)]
+    done = {
+        s
+        for s in {r["seed"] for r in rows}
+        if len({r["case"] for r in rows if r["seed"] == s}) == len(args.cases)
+    }
+    if not rows or not done:
+        print(f"--report-from: {path} holds no seed with every case", file=sys.stderr)
+        return 2
+    dropped = len([r for r in rows if r["seed"] not in done])
+    rows = [r for r in rows if r["seed"] in done]
+    args.seeds = sorted(done)
+    info = header["machine"] if header else machine_info("cpu")
+    source = f"Rebuilt from the rows streamed to `{path.name}`"
+    if header:
+        source += f" by `{header['command']}`"
+    if dropped:
+        source += f"; {dropped} rows of seeds that did not finish every case left out"
     markdown = report(rows, args.cases, args, info)
+    return publish(args, rows, info, f"{source}.\n\n{markdown}")
+
+
+def _arguments(args) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def publish(args, rows: list[dict], info: dict, markdown: str) -> int:
+    """Print the report; write it with ``--tag`` and ``--docs``. 1 if a run failed."""
     print("\n" + markdown)
     if args.tag:
-        arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        payload = {"command": command_line(), "machine": info, "arguments": arguments}
+        payload = {"command": command_line(), "machine": info, "arguments": _arguments(args)}
         paths = write_results("dev-suite", args.tag, {**payload, "results": rows}, markdown)
         print("wrote " + ", ".join(map(str, paths)))
     if args.docs:
