@@ -17,7 +17,7 @@ fitting and prediction. One case at a time, so the two never share the cores.
 
     python benchmarks/dev_suite.py --tag laptop --docs docs/benchmarks.md
     python benchmarks/dev_suite.py --quick --cases sample-3,tiny-2      # a smoke test
-    python benchmarks/dev_suite.py --report-from results/dev-suite-laptop.jsonl   # a stopped run
+    python benchmarks/dev_suite.py --report-from benchmarks/results/dev-suite-laptop.jsonl
 
 Writes ``benchmarks/results/dev-suite-<tag>.md`` and ``.json`` with ``--tag``, and the
 table into the ``dev-suite`` section of the file given to ``--docs``.
