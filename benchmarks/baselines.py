@@ -91,6 +91,7 @@ def random_forest_segment(
     samples_per_slice: int = 20_000,
     sigma_min: float = 1.0,
     sigma_max: float = 16.0,
+    max_depth: int | None = None,
 ) -> tuple[np.ndarray, float]:
     """Segment ``image`` with a random forest trained on the annotated slices.
 
@@ -109,6 +110,8 @@ def random_forest_segment(
         Training pixels drawn per annotated slice, stratified by class.
     sigma_min, sigma_max : float
         Smallest and largest filter scale in pixels.
+    max_depth : int, optional
+        Of the trees (None: grown until their leaves are pure).
 
     Returns
     -------
@@ -132,6 +135,8 @@ def random_forest_segment(
             f"annotated_slices must be 1 or more indices in 0..{image.shape[0] - 1}, "
             f"got {list(annotated_slices)}"
         )
+    if max_depth is not None and max_depth < 1:
+        raise ValueError(f"max_depth must be None or >= 1, got {max_depth!r}")
     if n_estimators < 1 or samples_per_slice < 1:
         raise ValueError(
             f"n_estimators and samples_per_slice must be >= 1, got {n_estimators} "
@@ -148,7 +153,9 @@ def random_forest_segment(
         pick = stratified_sample(labels[z], samples_per_slice, rng)
         x_train.append(f.reshape(-1, f.shape[-1])[pick])
         y_train.append(labels[z].ravel()[pick])
-    forest = RandomForestClassifier(n_estimators=n_estimators, n_jobs=n_jobs, random_state=seed)
+    forest = RandomForestClassifier(
+        n_estimators=n_estimators, max_depth=max_depth, n_jobs=n_jobs, random_state=seed
+    )
     forest.fit(np.concatenate(x_train), np.concatenate(y_train))
     out = np.empty(image.shape, np.uint8)
     for z in range(image.shape[0]):
