@@ -317,6 +317,8 @@ class SslSegWidget(WidgetLayout, QWidget):
             labels.data = data  # the project's annotations (imported ones included)
         labels.metadata[PROJECT_KEY] = str(self.project.path)
         labels.metadata.pop(ANNOTATED_SLICES_KEY, None)  # imported: the project knows now
+        _ready_to_paint(labels)
+        self.viewer.layers.selection.active = labels
         self.annotation_layer = labels
         self._watch(labels, "annotation")
         self._refresh_layer_choices()
@@ -731,6 +733,7 @@ class SslSegWidget(WidgetLayout, QWidget):
             confidence.name = f"confidence · round {r}"
         if pseudo is None:
             pseudo = self.viewer.add_labels(merged, name=f"pseudo-labels · round {r}", **common)
+            _ready_to_paint(pseudo)
         else:
             # Strokes on the old round's layer not yet written are corrections of the old
             # round: their boxes are copied now, then laid over the new labels.
@@ -827,7 +830,7 @@ class SslSegWidget(WidgetLayout, QWidget):
         except (SslSegError, ValueError, OSError) as err:
             self._message(f"Export failed: {err}", "error")
             return None
-        self._message(f"Exported to {written}.")
+        self._message(f"Exported to {written}.", notify=True)
         return written
 
     def _export_clicked(self) -> None:
@@ -835,8 +838,7 @@ class SslSegWidget(WidgetLayout, QWidget):
             return
         r, merged = self.export_combo.currentData() or (None, True)
         fmt = self.format_combo.currentText()
-        stem = self.project.path.name.removesuffix(ann.PROJECT_SUFFIX).removesuffix(".zarr")
-        default = self.project.path.parent / f"{stem}_labels{fmt}"
+        default = ann.default_export_path(self.project, fmt, round=r, merged=merged)
         path, _ = QFileDialog.getSaveFileName(self, "Export masks", str(default))
         if path:  # the save dialog has asked before naming an existing file
             self.export(path, round=r, merged=merged, overwrite=True)
@@ -1028,6 +1030,14 @@ class SslSegWidget(WidgetLayout, QWidget):
 
 
 # ================================================================ helpers
+def _ready_to_paint(layer) -> None:
+    """Open a Labels layer with the brush (napari opens it in pan/zoom: the first drag
+    would pan), painting the first class, in the displayed plane only."""
+    layer.mode = "paint"
+    layer.selected_label = max(int(layer.selected_label), 1)
+    layer.n_edit_dimensions = 2
+
+
 def _load_method_names(out: list) -> None:
     from napari_ssl_seg.methods import method_names
 

@@ -939,6 +939,34 @@ def check_export_path(project: Project, path: str | os.PathLike) -> None:
             )
 
 
+def default_export_path(
+    project: Project, fmt: str, *, round: int | None = None, merged: bool = True
+) -> Path:
+    """A name for an export that matches no existing file: the source image's stem, then
+    ``.ssl-labels.r<round>`` (``-model`` for the model's output only) and ``fmt``, beside
+    the project, numbered ``-2``, ``-3`` ... when taken.
+
+    Parameters
+    ----------
+    fmt : {".tif", ".nii.gz", ".ome.zarr"}
+    round : int, optional
+        The round exported (default the latest).
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise InvalidInputError(f"export format must be one of {EXPORT_FORMATS}, got {fmt!r}")
+    r = project.latest_round if round is None else int(round)
+    source = Path(project.source).name if project.source else project.path.name
+    lower = source.lower()
+    stem = next((source[: -len(s)] for s in _KNOWN_SUFFIXES if lower.endswith(s)), source)
+    name = f"{stem or 'volume'}.ssl-labels.r{r}{'' if merged else '-model'}"
+    candidate = project.path.parent / f"{name}{fmt}"
+    k = 1
+    while candidate.exists():
+        k += 1
+        candidate = project.path.parent / f"{name}-{k}{fmt}"
+    return candidate
+
+
 def format_slices(slices: Iterable[int], *, limit: int = 12) -> str:
     """``[3, 4, 5, 9]`` → ``"3-5, 9"``; at most ``limit`` runs, then ``…``."""
     runs: list[list[int]] = []

@@ -273,3 +273,41 @@ def test_stress_painting_through_three_rounds_beside_a_cli_correct(
     ids = [edit_of(kind, spot) for (kind, spot), _ in in_order]
     assert ids == sorted(ids)
     widget.close()
+
+
+def test_new_layers_open_ready_to_paint(make_napari_viewer, qtbot, trained):
+    tif, _ = trained
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, tif)
+    for layer in (widget.annotation_layer, widget.pseudo_layer):
+        assert layer.mode == "paint" and layer.selected_label >= 1
+    assert viewer.layers.selection.active is widget.pseudo_layer  # the next strokes correct
+    widget.close()
+
+
+def test_export_proposes_a_new_name_and_says_where(
+    make_napari_viewer, qtbot, trained, tmp_path, monkeypatch
+):
+    from qtpy.QtWidgets import QFileDialog
+
+    tif, project = trained
+    truth = tmp_path / "nuclei_labels.tif"  # what the sample ships beside its image
+    tifffile.imwrite(truth, np.ones((2, 2), np.uint8))
+    (tmp_path / "nuclei.ssl-labels.r1.tif").write_bytes(b"an earlier export")
+    before = {p: p.read_bytes() for p in (tif, truth, tmp_path / "nuclei.ssl-labels.r1.tif")}
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, tif)
+    proposed = []
+
+    def accept_default(parent, title, default, *args, **kwargs):  # the user clicks Save
+        proposed.append(default)
+        return default, ""
+
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(accept_default))
+    widget.export_button.click()
+    assert proposed == [str(tmp_path / "nuclei.ssl-labels.r1-2.tif")]
+    assert {p: p.read_bytes() for p in before} == before  # nothing existing replaced
+    written = io.read_volume(tmp_path / "nuclei.ssl-labels.r1-2.tif").data
+    np.testing.assert_array_equal(written, project.merged_labels())
+    assert str(tmp_path / "nuclei.ssl-labels.r1-2.tif") in widget.status_label.text()
+    widget.close()
