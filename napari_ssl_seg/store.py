@@ -392,6 +392,8 @@ class Project:
                 raise ProjectError(
                     f"{path} is not a napari-ssl-seg project; refusing to replace it"
                 )
+            with _replacing(path):  # fail before the copy if another process writes it
+                pass
         # Build beside the target and rename at the end: a crash leaves no half project,
         # and an existing project is replaced only once its successor is complete.
         tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
@@ -404,11 +406,13 @@ class Project:
                     labels, slices, source=edit_source, max_classes=max_classes
                 )
             if path.exists():
-                old = path.with_name(f".{path.name}.{os.getpid()}.old")
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(path, old)
-                os.replace(tmp, path)
+                # Never from under another writer (a training, the widget): hold its lock.
+                with _replacing(path):
+                    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+                    if old.exists():
+                        shutil.rmtree(old)
+                    os.replace(path, old)
+                    os.replace(tmp, path)
                 shutil.rmtree(old)
             else:
                 os.replace(tmp, path)
@@ -1383,6 +1387,19 @@ def _create_label_image(parent, name, shape, chunks, voxel_size, units) -> zarr.
     ome["image-label"] = {"version": "0.5", "source": {"image": "../../"}}
     group.attrs["ome"] = ome
     return group.create_array("0", shape=shape, dtype=LABEL_DTYPE, chunks=chunks, fill_value=0)
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[None]:
+    """Hold the writer lock of the project at ``path`` (one that cannot be opened, being
+    damaged, has no writer to wait for)."""
+    try:
+        project = Project.open(path, verify=False, recover=False)
+    except ProjectError:
+        yield
+        return
+    with project.writing(timeout=0, what="being replaced"):
+        yield
 
 
 def _inner(box: Sequence[slice], outer: Sequence[slice]) -> tuple[slice, ...]:

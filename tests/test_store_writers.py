@@ -403,3 +403,14 @@ def test_strokes_a_locked_project_refused_are_written_later(project, holder):
     assert [e.kind for e in saved.edits] == ["annotation"] and not session.pending
     assert (project.annotations[1, 2:5, 2:5] == 2).all() and project.annotated_slices() == [1]
     session.close()
+
+
+def test_overwrite_refuses_a_project_another_process_writes(project, holder):
+    from napari_ssl_seg.errors import ProjectLockedError
+
+    with pytest.raises(ProjectLockedError, match=r"being written by pid \d+"):
+        Project.create(project.path, np.zeros(SHAPE, np.uint16), overwrite=True)
+    holder.kill()
+    holder.wait()
+    assert Project.open(project.path).signature == project.signature  # the old one stays
+    assert not list(project.path.parent.glob(".p.zarr.*"))  # and nothing half-made
