@@ -340,8 +340,12 @@ def covered_mask(boxes: Iterable[Pending], region: Region) -> np.ndarray:
         lo = [max(b.start, r.start) for b, r in zip(box.region, region, strict=True)]
         hi = [min(b.stop, r.stop) for b, r in zip(box.region, region, strict=True)]
         if all(a < b for a, b in zip(lo, hi, strict=True)):
-            inside = tuple(slice(a - r.start, b - r.start) for a, b, r in zip(lo, hi, region))
-            part = tuple(slice(a - q.start, b - q.start) for a, b, q in zip(lo, hi, box.region))
+            inside = tuple(
+                slice(a - r.start, b - r.start) for a, b, r in zip(lo, hi, region, strict=True)
+            )
+            part = tuple(
+                slice(a - q.start, b - q.start) for a, b, q in zip(lo, hi, box.region, strict=True)
+            )
             out[inside] |= box.mask[part]
     return out
 
@@ -441,9 +445,7 @@ class AnnotationSession:
     @property
     def pending(self) -> bool:
         """True while strokes wait in a buffer (not counting background writes)."""
-        return bool(
-            len(self.annotations) or len(self.corrections) or self._undos or self._failed
-        )
+        return bool(len(self.annotations) or len(self.corrections) or self._undos or self._failed)
 
     def add_stroke(self, kind: str, item: Iterable[Any]) -> None:
         """Buffer a napari history item painted (or redone) on the ``kind`` layer.

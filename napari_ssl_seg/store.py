@@ -1430,7 +1430,9 @@ def _npz_bytes(
         values=values,
         mask=mask,
         changed=changed,
-        **{f"before_{name}": array for name, array in zip(HumanState._fields, before, strict=True)},
+        **{
+            f"before_{name}": array for name, array in zip(HumanState._fields, before, strict=True)
+        },
     )
     return buf.getvalue()
 

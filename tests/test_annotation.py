@@ -57,7 +57,9 @@ def test_atom_region_coordinate_form():
 def test_edit_buffer_merges_touching_boxes_of_one_item_only():
     buffer = ann.EditBuffer(SHAPE)
     # three dabs of one stroke (one history item), touching each other
-    buffer.add([((np.array([1]), np.array([5]), np.array([x])), np.zeros(1), 1) for x in (0, 1, 2)])
+    buffer.add(
+        [((np.array([1]), np.array([5]), np.array([x])), np.zeros(1), 1) for x in (0, 1, 2)]
+    )
     buffer.add([((np.array([6]), np.array([30]), np.array([30])), np.zeros(1), 1)])
     buffer.add([((np.array([1]), np.array([5]), np.array([3])), np.zeros(1), 1)])  # another
     assert len(buffer) == 5

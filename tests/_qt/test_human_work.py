@@ -91,9 +91,7 @@ def test_a_stroke_after_accept_wins_in_the_export(make_napari_viewer, qtbot, tmp
     assert widget.mark_button.text() == "Unmark slice"
     widget.mark_button.click()
     assert 5 not in widget.session.corrected | widget.session.annotated
-    np.testing.assert_array_equal(
-        widget.pseudo_layer.data[5], widget.project.pseudo_labels(1)[5]
-    )
+    np.testing.assert_array_equal(widget.pseudo_layer.data[5], widget.project.pseudo_labels(1)[5])
     widget.close()
 
 
