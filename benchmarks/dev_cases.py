@@ -9,7 +9,7 @@ evaluation draws on, and a default tuned on them would prove nothing there.
 
 The cases depend on nothing of the engine (only on the sample files and their loader),
 so a change of a default can never change what it is scored on. Every case is
-deterministic for a given seed (the seed draws the noise).
+deterministic for a given seed (the seed draws the noise, and the bias field of its case).
 
     from dev_cases import CASES, make_case
     case = make_case("thin-rim-3", seed=0)
@@ -231,7 +231,7 @@ CASES = {
 
 
 def make_case(name: str, seed: int = 0) -> Case:
-    """Build the case ``name`` (a key of :data:`CASES`) with noise drawn from ``seed``."""
+    """Build the case ``name`` (a key of :data:`CASES`); ``seed`` draws its noise and bias."""
     if name not in CASES:
         raise ValueError(f"unknown case {name!r}; allowed: {list(CASES)}")
     return CASES[name](name, int(seed))

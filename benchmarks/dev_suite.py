@@ -358,6 +358,10 @@ def rebuild(args) -> int:
     rows = [r for r in rows if r["seed"] in done]
     args.seeds = sorted(done)
     info = header["machine"] if header else machine_info("cpu")
+    for key in ("quick", "threads", "n_jobs", "note") if header else ():
+        # The settings the rows were measured with (a --note given now still wins).
+        if key != "note" or not args.note:
+            setattr(args, key, header["arguments"].get(key, getattr(args, key)))
     source = f"Rebuilt from the rows streamed to `{path.name}`"
     if header:
         source += f" by `{header['command']}`"
