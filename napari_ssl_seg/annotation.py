@@ -962,9 +962,10 @@ def _overlaid(values: np.ndarray, region: Region, parts: list[tuple]) -> np.ndar
 def _stroke_units(queued: list[tuple[tuple, int]], axis: int) -> list[list[tuple[tuple, int]]]:
     """``(job, round)`` entries cut into what is written as one edit, in order.
 
-    An undone item (all its boxes) is a unit of its own. Consecutive strokes of one layer and one round are
-    grouped by the slices (along ``axis``) they touch, so one edit never spans slices
-    that no stroke of it shares (a whole-slice edit reads and logs its slices whole).
+    An undone item (all its boxes) is a unit of its own. Consecutive strokes of one
+    layer and one round are grouped by the slices (along ``axis``) they touch, so one
+    edit never spans slices that no stroke of it shares (a whole-slice edit reads and
+    logs its slices whole).
     """
     units: list[list[tuple[tuple, int]]] = []
     run: list[tuple[tuple, int]] = []
