@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, cpu_name  # noqa: E402
 
-AUTOSAVE_S = 0.7  # napari_ssl_seg._widget.AUTOSAVE_MS (not imported: that loads Qt)
+AUTOSAVE_S = 0.25  # napari_ssl_seg._widget.AUTOSAVE_MS (not imported: that loads Qt)
 EVENT_S = 1 / 60  # mouse-move events of a drag
 
 

@@ -475,7 +475,9 @@ class AnnotationSession:
     @property
     def pending(self) -> bool:
         """True while strokes wait in a buffer (not counting background writes)."""
-        return bool(len(self.annotations) or len(self.corrections) or self._undos or self._failed)
+        return bool(
+            len(self.annotations) or len(self.corrections) or self._undos or self._failed
+        )
 
     def add_stroke(self, kind: str, item: Iterable[Any]) -> None:
         """Buffer a napari history item painted (or redone) on the ``kind`` layer.

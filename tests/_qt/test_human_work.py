@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import tifffile
@@ -184,4 +186,32 @@ def test_strokes_painted_while_a_round_lands_are_kept(make_napari_viewer, qtbot,
     np.testing.assert_array_equal(merged[painted], pseudo.data[painted])  # every stroke stored
     assert not (merged[~painted] >= 3).any()  # and nothing else
     assert (project.corrected[...][painted] > 0).all()
+    widget.close()
+
+
+def test_train_queues_behind_pending_saves_without_freezing(make_napari_viewer, qtbot, trained):
+    """Train clicked right after painting a dense slice: the click returns at once, the
+    widget says "saving…", and the round trains on the painted slice once it is saved."""
+    tif, project = trained
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, tif)
+    widget.go_to_slice(10)
+    layer = widget.annotation_layer
+    layer.brush_size = 2
+    for y in range(64):  # one history item per drag, a row of dabs each
+        with layer.block_history():
+            for x in range(0, 64, 2):
+                layer.paint((10, y, x), 1 + y // 16 % 2, refresh=False)
+    assert (layer.data[10] > 0).all() and widget.session.pending
+    start = time.perf_counter()
+    widget.train_button.click()
+    click = time.perf_counter() - start
+    # The 64 strokes are written in the writer thread, not while the click waits.
+    assert click < 0.3, f"the Train click blocked the GUI for {click:.2f} s"
+    assert widget.save_label.text().startswith("saving")
+    qtbot.waitUntil(lambda: widget.round == 2 and widget.job is None, timeout=ROUND_TIMEOUT_MS)
+    assert widget.save_label.text() == ""
+    assert 10 in project.round_record(2)["human_slices"]
+    np.testing.assert_array_equal(project.annotations[10], layer.data[10])
+    assert (project.annotated[10] == 1).all()
     widget.close()
