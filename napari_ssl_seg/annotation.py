@@ -475,9 +475,7 @@ class AnnotationSession:
     @property
     def pending(self) -> bool:
         """True while strokes wait in a buffer (not counting background writes)."""
-        return bool(
-            len(self.annotations) or len(self.corrections) or self._undos or self._failed
-        )
+        return bool(len(self.annotations) or len(self.corrections) or self._undos or self._failed)
 
     def add_stroke(self, kind: str, item: Iterable[Any]) -> None:
         """Buffer a napari history item painted (or redone) on the ``kind`` layer.
@@ -704,7 +702,9 @@ class AnnotationSession:
                     self._edits_of[(kind, member.key)] = (member.seq, ids + [edit.id])
                 self._reverted.discard((kind, member.key))
             self._forget_old_members()
-        self._record(edit, kind, merged_round, saved, shows_merge=kind == "annotation")
+        other = tuple(a for a in range(mask.ndim) if a != self.project.axis)
+        hit = {int(i) + region[self.project.axis].start for i in np.flatnonzero(mask.any(other))}
+        self._record(edit, kind, merged_round, saved, shows_merge=kind == "annotation", slices=hit)
 
     def _write_undo(
         self, jobs: list[tuple], round: int, merged_round: int | None, saved: Saved
@@ -768,13 +768,38 @@ class AnnotationSession:
         )
 
     def _record(
-        self, edit: Edit, kind: str, merged_round: int | None, saved: Saved, *, shows_merge: bool
+        self,
+        edit: Edit,
+        kind: str,
+        merged_round: int | None,
+        saved: Saved,
+        *,
+        shows_merge: bool,
+        slices: set[int] | None = None,
     ) -> None:
+        """Note a written edit: which slices are annotated and corrected now, and the
+        merged labels it changed (whole slices where it annotated a new slice).
+
+        ``slices``: for a stroke, the slices its voxels lie on (else they are re-read).
+        """
         saved.edits.append(edit)
-        self._update_rows(edit)
+        with self._lock:
+            new_slices = slices is None or not slices <= self._annotated
+        if slices is not None and edit.kind == "correction":
+            with self._lock:
+                self._corrected |= slices  # a correction changes nothing else
+        elif slices is not None and edit.kind == "annotation" and edit.whole_slices:
+            with self._lock:
+                self._annotated |= slices
+                recheck = slices & self._corrected  # the stroke may cover every correction
+            self._update_rows(edit, sorted(recheck), annotated=False)
+        else:
+            self._update_rows(edit)
         if merged_round is not None and shows_merge:
-            whole = _whole_slices(edit.region, self.project.shape, self.project.axis)
-            saved.merged.append((whole, self.project.merged_labels(merged_round, whole)))
+            region = edit.region
+            if new_slices or edit.kind != "annotation":
+                region = _whole_slices(edit.region, self.project.shape, self.project.axis)
+            saved.merged.append((region, self.project.merged_labels(merged_round, region)))
 
     def _forget_old_members(self, keep: int = 256) -> None:
         """Drop the boxes of items older than the last ``keep`` (call under the lock)."""
@@ -784,15 +809,22 @@ class AnnotationSession:
                 if member.seq < oldest and member.values is not None:
                     members[k] = member._replace(values=None, mask=None)
 
-    def _update_rows(self, edit: Edit) -> None:
-        """Re-read which of the edit's slices hold annotated and corrected voxels."""
+    def _update_rows(
+        self, edit: Edit, slices: Iterable[int] | None = None, *, annotated: bool = True
+    ) -> None:
+        """Re-read which of the edit's slices (or ``slices``) hold annotated (unless
+        ``annotated`` is False) and corrected voxels."""
         axis = self.project.axis
-        for i in range(edit.region[axis].start, edit.region[axis].stop):
+        if slices is None:
+            slices = range(edit.region[axis].start, edit.region[axis].stop)
+        arrays = [(self._corrected, self.project.corrected)]
+        if annotated:
+            arrays.append((self._annotated, self.project.annotated))
+        for i in slices:
             index = self.project.slice_index(i)
-            annotated = bool(np.asarray(self.project.annotated[index]).any())
-            corrected = bool(np.asarray(self.project.corrected[index]).any())
-            with self._lock:
-                for rows, now in ((self._annotated, annotated), (self._corrected, corrected)):
+            for rows, array in arrays:
+                now = bool(np.asarray(array[index]).any())
+                with self._lock:
                     if now:
                         rows.add(i)
                     else:
