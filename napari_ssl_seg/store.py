@@ -170,6 +170,9 @@ class _DurableLocalStore(LocalStore):
         super().__init__(root, read_only=read_only)
         self._dirty: set[str] = set()
         self._dirty_lock = threading.Lock()  # zarr writes from its own event-loop thread
+        # Directories whose own entry (in their parent) this store made durable: a later
+        # write below them needs only its own directory synced, not the whole chain.
+        self._durable_dirs: set[Path] = set()
 
     def _touched(self, key: str) -> None:
         with self._dirty_lock:
@@ -186,30 +189,39 @@ class _DurableLocalStore(LocalStore):
     async def delete(self, key) -> None:
         await super().delete(key)
         self._touched(key)
+        self._durable_dirs.clear()  # zarr may have removed emptied directories
 
     async def delete_dir(self, prefix) -> None:
         await super().delete_dir(prefix)
         self._touched(prefix)
+        self._durable_dirs.clear()
 
     def sync(self) -> None:
         """fsync every file written since the last call, then their directories."""
         with self._dirty_lock:
             keys, self._dirty = self._dirty, set()
-        directories = set()
+        directories, made = set(), set()
         for key in keys:
             path = self.root / key
             if path.is_file():
                 _fsync_file(path)
             # A rename, a deletion (zarr deletes chunks that became all fill value) or a
-            # new chunk directory is durable once the directories above it are.
-            parent = path.parent
-            while parent != self.root and self.root in parent.parents:
-                directories.add(parent)
-                parent = parent.parent
+            # new chunk directory is durable once the directories above it are (up to
+            # one whose entry is known durable already).
+            directories.add(path.parent)
+            child = path.parent
+            while child != self.root and self.root in child.parents:
+                if child in self._durable_dirs:
+                    break
+                directories.add(child.parent)
+                made.add(child)
+                child = child.parent
             directories.add(self.root)
         for directory in directories:
             if directory.is_dir():
                 _fsync_dir(directory)
+        with self._dirty_lock:
+            self._durable_dirs |= {d for d in made if d.is_dir()}
 
 
 def chunk_shape(shape: Sequence[int], axis: int) -> tuple[int, ...]:
