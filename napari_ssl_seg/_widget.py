@@ -12,7 +12,9 @@ Layers: the image, ``confidence · round N`` (magma, hidden), ``pseudo-labels ·
 (editable: corrections, with human labels on top) and ``annotations`` (on top). Strokes
 on ``annotations`` become annotation edits (whole slices), strokes on the pseudo-labels
 become corrections of round N; both are written to the project at most
-``AUTOSAVE_MS`` after the stroke, as the touched boxes only.
+``AUTOSAVE_MS`` after the stroke, as the touched boxes only, by the session's writer
+thread: the GUI thread never waits for it. Train, Accept, Mark and Export queue behind
+the strokes still being saved ("saving…" shows meanwhile).
 
 Shortcuts (bound on the viewer; none is a napari default for Image or Labels layers,
 though a selected Points or Shapes layer keeps its own "A"): ``N`` next uncertain
@@ -60,7 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL_MS = 100  # how often the child's queue is read
-AUTOSAVE_MS = 700  # a crash loses at most the strokes of this window
+AUTOSAVE_MS = 250  # a crash loses at most the strokes of this window
 STOP_TIMEOUT_S = 5.0  # on close: wait this long for a stopped round, then kill it
 SHORTCUTS = {"n": "next_uncertain", "a": "accept_slice", "Shift-T": "train"}
 NEW_LAYER = "(new layer)"
@@ -125,6 +127,7 @@ class SslSegWidget(WidgetLayout, QWidget):
         # (Future of Saved, round, correction boxes) written by the session's thread
         self._saving: list = []
         self._round_loading = False  # a round's labels are being merged for display
+        self._queued: list[str] = []  # actions waiting for the strokes to be saved
         viewer.layers.events.inserted.connect(self._refresh_layer_choices)
         viewer.layers.events.removed.connect(self._refresh_layer_choices)
         viewer.layers.events.removing.connect(self._layer_removing)
@@ -385,6 +388,7 @@ class SslSegWidget(WidgetLayout, QWidget):
         )
         self._saving.append((future, self.round, corrections))
         self._reap_timer.start()
+        self._show_saving()
 
     def _reap(self) -> None:
         """Show what the writer thread has finished writing, in the order submitted."""
@@ -400,6 +404,45 @@ class SslSegWidget(WidgetLayout, QWidget):
                 self._show_saved(future.result(), r)
         if not self._saving:
             self._reap_timer.stop()
+        self._show_saving()
+
+    def _show_saving(self) -> None:
+        """Say "saving…" while strokes are on their way to the project."""
+        text = ""
+        if self._saving:
+            text = "saving…"
+            if self._queued:
+                text += f" ({', '.join(self._queued)} when saved)"
+        self.save_label.setText(text)
+
+    def _when_saved(self, then, what: str) -> None:
+        """Call ``then()`` on the GUI thread once every stroke made so far is written.
+
+        At once when nothing is being saved; else the pending strokes are handed to the
+        writer thread and ``then`` runs when it is done (polled: the GUI never waits).
+        """
+        session = self.session
+        self._save_timer.stop()
+        if session.pending:
+            self._save_async()
+        futures = [future for future, _, _ in self._saving]
+        if not futures:
+            then()
+            return
+        self._queued.append(what)
+        self._show_saving()
+
+        def check() -> None:
+            if self.session is not session or self._closed:
+                return
+            if not all(future.done() for future in futures):
+                QTimer.singleShot(POLL_MS // 2, check)
+                return
+            self._queued.remove(what)
+            self._reap()
+            then()
+
+        QTimer.singleShot(POLL_MS // 2, check)
 
     def flush(self) -> ann.Saved:
         """Write every pending stroke now and wait for it (the autosave does it in the
@@ -486,8 +529,10 @@ class SslSegWidget(WidgetLayout, QWidget):
         or unmark it when it is annotated."""
         if not self._require_project():
             return
-        self.flush()
         i = self.current_slice() if i is None else int(i)
+        self._when_saved(lambda: self._toggle_mark(i), f"mark slice {i}")
+
+    def _toggle_mark(self, i: int) -> None:
         try:
             if i in self.session.annotated | self.session.corrected:
                 self.session.unmark(i)
@@ -517,8 +562,10 @@ class SslSegWidget(WidgetLayout, QWidget):
         if self.pseudo_layer is None:
             self._message("No pseudo-labels yet: train a round first.", "warning")
             return
-        self.flush()
         i = self.current_slice() if i is None else int(i)
+        self._when_saved(lambda: self._accept(i), f"accept slice {i}")
+
+    def _accept(self, i: int) -> None:
         try:
             self.session.accept_slice(i, self.pseudo_layer.data, round=self.round)
         except (SslSegError, ValueError) as err:
@@ -547,12 +594,24 @@ class SslSegWidget(WidgetLayout, QWidget):
 
     # ============================================================ training
     def train(self) -> bool:
-        """Start a round (Retrain once one exists) in a child process. True if started."""
+        """Start a round (Retrain once one exists) in a child process. True if started,
+        or queued behind the strokes still being saved (the GUI does not wait for them)."""
         if not self._require_project():
             return False
         if self.job is not None:
             return self._message("A round is still running: Stop it first.", "warning")
-        self.flush()
+        if "train" in self._queued:
+            return self._message("Training starts once the last strokes are saved.")
+        if self.session.pending or self._saving:
+            self.train_button.setEnabled(False)
+            self._when_saved(self._start_round, "train")
+            return True
+        return self._start_round()
+
+    def _start_round(self) -> bool:
+        self._set_busy(self.job is not None)
+        if self.job is not None or self.session is None:
+            return False
         try:
             self.session.check_trainable()
             config = ann.build_config(self.settings)
@@ -632,7 +691,8 @@ class SslSegWidget(WidgetLayout, QWidget):
 
     def _round_done(self, record: dict) -> None:
         self._end_progress()
-        self.flush()  # strokes on the old round's layer belong to the old round
+        if self.session.pending:  # strokes on the old round's layer belong to the old round
+            self._save_async()  # written before the merge below: one writer, in order
         self._round_loading = True  # until _show_round: strokes stay in the buffer
         self.progress_bar.setFormat(f"round {record['round']}: loading labels")
         # Merging a large volume takes seconds: the writer thread does it, we poll.
@@ -685,7 +745,9 @@ class SslSegWidget(WidgetLayout, QWidget):
 
     def _set_busy(self, busy: bool) -> None:
         has_project = self.session is not None
-        self.train_button.setEnabled(has_project and not busy and self._opening is None)
+        self.train_button.setEnabled(
+            has_project and not busy and self._opening is None and "train" not in self._queued
+        )
         self.stop_button.setEnabled(busy)
         self.open_button.setEnabled(not busy and self._opening is None)
         self.axis_combo.setEnabled(not busy and self._opening is None)
@@ -841,7 +903,9 @@ class SslSegWidget(WidgetLayout, QWidget):
         default = ann.default_export_path(self.project, fmt, round=r, merged=merged)
         path, _ = QFileDialog.getSaveFileName(self, "Export masks", str(default))
         if path:  # the save dialog has asked before naming an existing file
-            self.export(path, round=r, merged=merged, overwrite=True)
+            self._when_saved(
+                lambda: self.export(path, round=r, merged=merged, overwrite=True), "export"
+            )
 
     # ============================================================ settings
     def _apply_settings(self) -> None:

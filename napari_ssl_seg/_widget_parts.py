@@ -95,6 +95,9 @@ class WidgetLayout:
             column.addWidget(build())
         self.status_label = wrapping_label("")
         column.addWidget(self.status_label)
+        # "saving…" while strokes are on their way to the project
+        self.save_label = wrapping_label("", muted=True)
+        column.addWidget(self.save_label)
         column.addStretch(1)
         scroll = QScrollArea(widgetResizable=True)
         scroll.setWidget(inner)

@@ -319,18 +319,42 @@ class EditBuffer:
     def take(self) -> list[Pending]:
         """The pending boxes (touching boxes of one item merged); empties the buffer."""
         boxes, self._boxes = self._boxes, []
-        merged = True
-        while merged and len(boxes) > 1:
-            merged, out = False, []
-            for box in boxes:
-                for k, other in enumerate(out):
-                    if other.key == box.key and _touch(box.region, other.region):
-                        out[k], merged = Pending(other.seq, other.key, *_union(other, box)), True
-                        break
-                else:
-                    out.append(box)
-            boxes = out
-        return boxes
+        by_item: dict[frozenset, list[Pending]] = {}
+        for box in boxes:
+            by_item.setdefault(box.key, []).append(box)
+        out = []
+        for group in by_item.values():
+            for part in _touching_groups([box.region for box in group]):
+                members = [group[k] for k in part]
+                region, mask = _union(members)
+                out.append(Pending(members[0].seq, members[0].key, region, mask))
+        return sorted(out, key=lambda box: box.seq)
+
+
+def _touching_groups(regions: Sequence[Region]) -> list[list[int]]:
+    """Indices of ``regions`` grouped by touching (transitively), each in input order.
+
+    A brush drag leaves hundreds of dabs: the pairs are tested at once with numpy.
+    """
+    if len(regions) == 1:
+        return [[0]]
+    start = np.array([[s.start for s in r] for r in regions])
+    stop = np.array([[s.stop for s in r] for r in regions])
+    touch = ((start[:, None] <= stop[None]) & (start[None] <= stop[:, None])).all(axis=2)
+    group = list(range(len(regions)))  # union-find over the touching pairs
+
+    def root(k: int) -> int:
+        while group[k] != k:
+            group[k] = group[group[k]]
+            k = group[k]
+        return k
+
+    for a, b in zip(*np.nonzero(np.triu(touch, 1)), strict=True):
+        group[root(int(a))] = root(int(b))
+    parts: dict[int, list[int]] = {}
+    for k in range(len(regions)):
+        parts.setdefault(root(k), []).append(k)
+    return list(parts.values())
 
 
 def covered_mask(boxes: Iterable[Pending], region: Region) -> np.ndarray:
@@ -350,24 +374,30 @@ def covered_mask(boxes: Iterable[Pending], region: Region) -> np.ndarray:
     return out
 
 
-def _touch(a: Region, b: Region) -> bool:
-    return all(x.start <= y.stop and y.start <= x.stop for x, y in zip(a, b, strict=True))
-
-
-def _union(a: Pending, b: Pending) -> tuple[Region, np.ndarray]:
-    region = tuple(
-        slice(min(x.start, y.start), max(x.stop, y.stop))
-        for x, y in zip(a.region, b.region, strict=True)
-    )
+def _union(parts: Sequence[Pending]) -> tuple[Region, np.ndarray]:
+    """Bounding box of ``parts`` and the union of their masks in it."""
+    if len(parts) == 1:
+        return parts[0].region, parts[0].mask
+    region = _bounding_box([p.region for p in parts])
     mask = np.zeros(tuple(s.stop - s.start for s in region), bool)
-    for box, part in ((a.region, a.mask), (b.region, b.mask)):
-        mask[
-            tuple(
-                slice(s.start - r.start, s.stop - r.start)
-                for s, r in zip(box, region, strict=True)
-            )
-        ] |= part
+    for part in parts:
+        mask[_inner(part.region, region)] |= part.mask
     return region, mask
+
+
+def _bounding_box(regions: Iterable[Region]) -> Region:
+    regions = list(regions)
+    return tuple(
+        slice(min(r[a].start for r in regions), max(r[a].stop for r in regions))
+        for a in range(len(regions[0]))
+    )
+
+
+def _inner(box: Region, outer: Region) -> Region:
+    """``box`` in the coordinates of ``outer`` (which contains it)."""
+    return tuple(
+        slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, outer, strict=True)
+    )
 
 
 # ------------------------------------------------------------------------ session
@@ -424,6 +454,10 @@ class AnnotationSession:
         self._edits_of: dict[tuple[str, frozenset], tuple[int, list[int]]] = {}
         self._reverted: set[tuple[str, frozenset]] = set()  # items whose edits were reverted
         self._failed: list[tuple[tuple, int]] = []  # (job, round) a failed write left
+        # Strokes several items share one edit: each edit's items, with their boxes while
+        # napari can still undo them (its history keeps 100 items per layer).
+        self._members: dict[int, list[_Member]] = {}
+        self._queued: list[tuple[list, int, int | None, Future]] = []  # for the writer
         self._writer = (
             ThreadPoolExecutor(1, thread_name_prefix="napari-ssl-seg-writer")
             if background
@@ -529,9 +563,40 @@ class AnnotationSession:
         """
         if self._writer is None:
             raise RuntimeError("this AnnotationSession has no writer thread (background=False)")
-        return self._writer.submit(
-            self._write, self._snapshot(annotation_data, correction_data), round, merged_round
-        )
+        future: Future = Future()
+        with self._lock:
+            self._queued.append(
+                (self._snapshot(annotation_data, correction_data), round, merged_round, future)
+            )
+        self._writer.submit(self._drain)
+        return future
+
+    def _drain(self) -> None:
+        """Write everything queued by :meth:`flush_async` so far, as few edits as it can.
+
+        Strokes queued while the writer was busy are written together: a brush that
+        outpaces the disk makes fewer, larger edits instead of a growing queue.
+        """
+        with self._lock:
+            entries, self._queued = self._queued, []
+        while entries:
+            round, merged_round = entries[0][1], entries[0][2]
+            n = next(
+                (k for k, e in enumerate(entries) if (e[1], e[2]) != (round, merged_round)),
+                len(entries),
+            )
+            group, entries = entries[:n], entries[n:]
+            try:
+                saved = self._write([j for e in group for j in e[0]], round, merged_round)
+            except BaseException as err:
+                with self._lock:  # kept, with their rounds, for the next flush
+                    self._failed += [(job, e[1]) for e in entries for job in e[0]]
+                for entry in group + entries:
+                    entry[3].set_exception(err)
+                return
+            for entry in group[:-1]:
+                entry[3].set_result(Saved())
+            group[-1][3].set_result(saved)
 
     def round_labels_async(self, r: int) -> Future:
         """Refresh ``final`` and merge round ``r``'s labels in the writer thread.
@@ -586,59 +651,184 @@ class AnnotationSession:
 
     def _write(self, jobs: list[tuple], round: int, merged_round: int | None) -> Saved:
         """Write ``jobs`` (after those a failed write left); a job that fails, and those
-        after it, are kept with their values to be written first by the next flush."""
+        after it, are kept with their values to be written first by the next flush.
+
+        Consecutive strokes of one layer and round are written as one edit per set of
+        slices they share (:func:`_stroke_units`), not one per history item.
+        """
         with self._lock:
             queued = [(job, round) for job in jobs]
             queued[:0], self._failed = self._failed, []
         saved = Saved()
-        for k, (job, job_round) in enumerate(queued):
+        units = _stroke_units(queued, self.project.axis)
+        for k, unit in enumerate(units):
             try:
-                self._write_one(job, job_round, merged_round, saved)
+                if unit[0][0][6]:  # an undo
+                    self._write_undo([job for job, _ in unit], unit[0][1], merged_round, saved)
+                else:
+                    self._write_strokes([job for job, _ in unit], unit[0][1], merged_round, saved)
             except BaseException:
                 with self._lock:
-                    self._failed[:0] = queued[k:]
+                    self._failed[:0] = [entry for u in units[k:] for entry in u]
                 raise
         return saved
 
-    def _write_one(self, job: tuple, round: int, merged_round: int | None, saved: Saved) -> None:
-        seq, kind, key, region, values, mask, undo = job
-        written = self._edits_of.get((kind, key)) if undo else None
-        if written is not None:
-            edit = self.project.revert_edits(written[1], source=self.source)
+    def _write_strokes(
+        self, jobs: list[tuple], round: int, merged_round: int | None, saved: Saved
+    ) -> None:
+        """One edit for strokes of one layer (``(seq, kind, key, region, values, mask,
+        False)`` jobs in the order made): later strokes win where they overlap."""
+        kind = jobs[0][1]
+        region = _bounding_box([job[3] for job in jobs])
+        box = tuple(s.stop - s.start for s in region)
+        values = np.zeros(box, np.asarray(jobs[0][4]).dtype)
+        mask = np.zeros(box, bool)
+        for _, _, _, part, part_values, part_mask, _ in jobs:
+            inner = _inner(part, region)
+            values[inner] = np.where(part_mask, part_values, values[inner])
+            mask[inner] |= part_mask
+        edit = self.project.apply_edit(
+            kind,
+            region,
+            values,
+            mask,
+            round=round if kind == "correction" else 0,
+            source=self.source,
+            whole_slices=kind == "annotation",
+        )
+        members = [_Member(job[0], job[2], round, job[3], job[4], job[5]) for job in jobs]
+        with self._lock:
+            self._members[edit.id] = members
+            for member in members:
+                known = self._edits_of.get((kind, member.key))
+                ids = known[1] if known is not None and known[0] == member.seq else []
+                if edit.id not in ids:
+                    self._edits_of[(kind, member.key)] = (member.seq, ids + [edit.id])
+                self._reverted.discard((kind, member.key))
+            self._forget_old_members()
+        other = tuple(a for a in range(mask.ndim) if a != self.project.axis)
+        hit = {int(i) + region[self.project.axis].start for i in np.flatnonzero(mask.any(other))}
+        self._record(edit, kind, merged_round, saved, shows_merge=kind == "annotation", slices=hit)
+
+    def _write_undo(
+        self, jobs: list[tuple], round: int, merged_round: int | None, saved: Saved
+    ) -> None:
+        """An undone item (its undo jobs, one per box): revert the edits it was written
+        in, then write again the other items those edits held, so that exactly its
+        voxels go back."""
+        _, kind, key = jobs[0][:3]
+        boxes = [job for job in jobs if job[3] is not None]
+        written = self._edits_of.get((kind, key))
+        if written is None:
+            if (kind, key) not in self._reverted:  # else: reverted already
+                # Painted before this session: recorded with its restored values.
+                for job in boxes:
+                    self._record(
+                        self._restore(job, round), kind, merged_round, saved, shows_merge=True
+                    )
+            return
+        ids = written[1]
+        others = [m for i in ids for m in self._members.get(i, []) if m.key != key]
+        if any(m.values is None for m in others):
+            # The other items are beyond napari's history: reverting would take them too.
+            for job in boxes:
+                self._record(
+                    self._restore(job, round), kind, merged_round, saved, shows_merge=True
+                )
+            return
+        edit = self.project.revert_edits(ids, source=self.source)
+        with self._lock:
             del self._edits_of[(kind, key)]
             self._reverted.add((kind, key))
-        elif region is None or (undo and (kind, key) in self._reverted):
-            return  # nothing to undo, or one revert covered every box of the item
-        else:
-            edit = self.project.apply_edit(
-                kind,
-                region,
-                values,
-                mask,
-                round=round if kind == "correction" else 0,
-                source=self.source,
-                whole_slices=kind == "annotation" and not undo,
-            )
-            if not undo:
-                known = self._edits_of.get((kind, key))
-                ids = known[1] if known is not None and known[0] == seq else []
-                self._edits_of[(kind, key)] = (seq, ids + [edit.id])
-                self._reverted.discard((kind, key))
-        saved.edits.append(edit)
-        self._update_rows(edit)
-        if merged_round is not None and (kind == "annotation" or written is not None):
-            whole = _whole_slices(edit.region, self.project.shape, self.project.axis)
-            saved.merged.append((whole, self.project.merged_labels(merged_round, whole)))
+            for i in ids:
+                self._members.pop(i, None)
+            for member in others:  # these edits are gone: the items are rewritten below
+                known = self._edits_of.get((kind, member.key))
+                if known is not None:
+                    kept = [i for i in known[1] if i not in ids]
+                    self._edits_of[(kind, member.key)] = (known[0], kept)
+        self._record(edit, kind, merged_round, saved, shows_merge=True)
+        others = sorted({(m.seq, m.key): m for m in others}.values(), key=lambda m: m.seq)
+        # The layer after the undo, in the undone item's boxes, holds what the earlier
+        # items left there: where they overlap it, that is what they are written with.
+        restored = [(job[3], job[4], job[5]) for job in boxes]
+        others = [m._replace(values=_overlaid(m.values, m.region, restored)) for m in others]
+        for unit in _stroke_units(
+            [((m.seq, kind, m.key, m.region, m.values, m.mask, False), m.round) for m in others],
+            self.project.axis,
+        ):
+            self._write_strokes([job for job, _ in unit], unit[0][1], merged_round, saved)
 
-    def _update_rows(self, edit: Edit) -> None:
-        """Re-read which of the edit's slices hold annotated and corrected voxels."""
-        axis = self.project.axis
-        for i in range(edit.region[axis].start, edit.region[axis].stop):
-            index = self.project.slice_index(i)
-            annotated = bool(np.asarray(self.project.annotated[index]).any())
-            corrected = bool(np.asarray(self.project.corrected[index]).any())
+    def _restore(self, job: tuple, round: int) -> Edit:
+        """Record an undone item's restored values as a stroke that marks no whole slice."""
+        _, kind, _, region, values, mask, _ = job
+        return self.project.apply_edit(
+            kind,
+            region,
+            values,
+            mask,
+            round=round if kind == "correction" else 0,
+            source=self.source,
+        )
+
+    def _record(
+        self,
+        edit: Edit,
+        kind: str,
+        merged_round: int | None,
+        saved: Saved,
+        *,
+        shows_merge: bool,
+        slices: set[int] | None = None,
+    ) -> None:
+        """Note a written edit: which slices are annotated and corrected now, and the
+        merged labels it changed (whole slices where it annotated a new slice).
+
+        ``slices``: for a stroke, the slices its voxels lie on (else they are re-read).
+        """
+        saved.edits.append(edit)
+        with self._lock:
+            new_slices = slices is None or not slices <= self._annotated
+        if slices is not None and edit.kind == "correction":
             with self._lock:
-                for rows, now in ((self._annotated, annotated), (self._corrected, corrected)):
+                self._corrected |= slices  # a correction changes nothing else
+        elif slices is not None and edit.kind == "annotation" and edit.whole_slices:
+            with self._lock:
+                self._annotated |= slices
+                recheck = slices & self._corrected  # the stroke may cover every correction
+            self._update_rows(edit, sorted(recheck), annotated=False)
+        else:
+            self._update_rows(edit)
+        if merged_round is not None and shows_merge:
+            region = edit.region
+            if new_slices or edit.kind != "annotation":
+                region = _whole_slices(edit.region, self.project.shape, self.project.axis)
+            saved.merged.append((region, self.project.merged_labels(merged_round, region)))
+
+    def _forget_old_members(self, keep: int = 256) -> None:
+        """Drop the boxes of items older than the last ``keep`` (call under the lock)."""
+        oldest = self._seq - keep
+        for members in self._members.values():
+            for k, member in enumerate(members):
+                if member.seq < oldest and member.values is not None:
+                    members[k] = member._replace(values=None, mask=None)
+
+    def _update_rows(
+        self, edit: Edit, slices: Iterable[int] | None = None, *, annotated: bool = True
+    ) -> None:
+        """Re-read which of the edit's slices (or ``slices``) hold annotated (unless
+        ``annotated`` is False) and corrected voxels."""
+        axis = self.project.axis
+        if slices is None:
+            slices = range(edit.region[axis].start, edit.region[axis].stop)
+        arrays = [(self._corrected, self.project.corrected)]
+        if annotated:
+            arrays.append((self._annotated, self.project.annotated))
+        for i in slices:
+            index = self.project.slice_index(i)
+            for rows, array in arrays:
+                now = bool(np.asarray(array[index]).any())
+                with self._lock:
                     if now:
                         rows.add(i)
                     else:
@@ -778,6 +968,75 @@ def _whole_slices(region: Region, shape: Sequence[int], axis: int) -> Region:
     return tuple(
         r if a == axis else slice(0, n) for a, (r, n) in enumerate(zip(region, shape, strict=True))
     )
+
+
+class _Member(NamedTuple):
+    """One history item's part of a logged edit: what to write again if another item of
+    that edit is undone (``values``/``mask`` None once napari cannot undo it any more)."""
+
+    seq: int
+    key: frozenset
+    round: int
+    region: Region
+    values: np.ndarray | None
+    mask: np.ndarray | None
+
+
+def _overlaid(values: np.ndarray, region: Region, parts: list[tuple]) -> np.ndarray:
+    """``values`` (of ``region``) with the masked voxels of ``(region, values, mask)``
+    ``parts`` laid over them where they meet."""
+    out = values
+    for part_region, part_values, part_mask in parts:
+        lo = [max(a.start, b.start) for a, b in zip(region, part_region, strict=True)]
+        hi = [min(a.stop, b.stop) for a, b in zip(region, part_region, strict=True)]
+        if all(a < b for a, b in zip(lo, hi, strict=True)):
+            meet = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+            mine, theirs = _inner(meet, region), _inner(meet, part_region)
+            out = out.copy() if out is values else out
+            out[mine] = np.where(part_mask[theirs], part_values[theirs], out[mine])
+    return out
+
+
+def _stroke_units(queued: list[tuple[tuple, int]], axis: int) -> list[list[tuple[tuple, int]]]:
+    """``(job, round)`` entries cut into what is written as one edit, in order.
+
+    An undone item (all its boxes) is a unit of its own. Consecutive strokes of one
+    layer and one round are grouped by the slices (along ``axis``) they touch, so one
+    edit never spans slices that no stroke of it shares (a whole-slice edit reads and
+    logs its slices whole).
+    """
+    units: list[list[tuple[tuple, int]]] = []
+    run: list[tuple[tuple, int]] = []
+
+    def close_run() -> None:
+        spans: list[list] = []  # [start, stop, entries] along the axis, merged
+        for entry in run:
+            region = entry[0][3]
+            lo, hi = region[axis].start, region[axis].stop
+            hits = [s for s in spans if s[0] < hi and lo < s[1]]
+            for s in hits:
+                spans.remove(s)
+                lo, hi = min(lo, s[0]), max(hi, s[1])
+            entries = [e for s in hits for e in s[2]] + [entry]
+            spans.append([lo, hi, entries])
+        for span in sorted(spans, key=lambda s: min(e[0][0] for e in s[2])):
+            units.append(sorted(span[2], key=lambda e: e[0][0]))
+        run.clear()
+
+    for entry in queued:
+        job, job_round = entry
+        stroke = not job[6] and job[3] is not None
+        if run and not (stroke and (job[1], job_round) == (run[0][0][1], run[0][1])):
+            close_run()
+        if stroke:
+            run.append(entry)
+        elif units and units[-1][0][0][6] and units[-1][0][0][:3] == job[:3]:
+            units[-1].append(entry)  # another box of the same undone item
+        else:
+            units.append([entry])
+    if run:
+        close_run()
+    return units
 
 
 # ----------------------------------------------------------------------- settings

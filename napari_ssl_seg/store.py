@@ -170,6 +170,9 @@ class _DurableLocalStore(LocalStore):
         super().__init__(root, read_only=read_only)
         self._dirty: set[str] = set()
         self._dirty_lock = threading.Lock()  # zarr writes from its own event-loop thread
+        # Directories whose own entry (in their parent) this store made durable: a later
+        # write below them needs only its own directory synced, not the whole chain.
+        self._durable_dirs: set[Path] = set()
 
     def _touched(self, key: str) -> None:
         with self._dirty_lock:
@@ -186,30 +189,39 @@ class _DurableLocalStore(LocalStore):
     async def delete(self, key) -> None:
         await super().delete(key)
         self._touched(key)
+        self._durable_dirs.clear()  # zarr may have removed emptied directories
 
     async def delete_dir(self, prefix) -> None:
         await super().delete_dir(prefix)
         self._touched(prefix)
+        self._durable_dirs.clear()
 
     def sync(self) -> None:
         """fsync every file written since the last call, then their directories."""
         with self._dirty_lock:
             keys, self._dirty = self._dirty, set()
-        directories = set()
+        directories, made = set(), set()
         for key in keys:
             path = self.root / key
             if path.is_file():
                 _fsync_file(path)
             # A rename, a deletion (zarr deletes chunks that became all fill value) or a
-            # new chunk directory is durable once the directories above it are.
-            parent = path.parent
-            while parent != self.root and self.root in parent.parents:
-                directories.add(parent)
-                parent = parent.parent
+            # new chunk directory is durable once the directories above it are (up to
+            # one whose entry is known durable already).
+            directories.add(path.parent)
+            child = path.parent
+            while child != self.root and self.root in child.parents:
+                if child in self._durable_dirs:
+                    break
+                directories.add(child.parent)
+                made.add(child)
+                child = child.parent
             directories.add(self.root)
         for directory in directories:
             if directory.is_dir():
                 _fsync_dir(directory)
+        with self._dirty_lock:
+            self._durable_dirs |= {d for d in made if d.is_dir()}
 
 
 def chunk_shape(shape: Sequence[int], axis: int) -> tuple[int, ...]:
@@ -1146,12 +1158,26 @@ class Project:
             )
         )
 
-    def _write_human(self, index, state: HumanState, before: HumanState) -> None:
+    def _write_human(
+        self, index, state: HumanState, before: HumanState, *, edit_before=None
+    ) -> None:
+        """Write the chunks of block ``index`` where ``state`` differs from ``before`` (what
+        the arrays hold), and ``final`` where it differs from ``edit_before`` (default
+        ``before``; a replay finds part of its edit written, ``final`` maybe not), merged
+        from ``state`` (the arrays are not read again)."""
         arrays = (self.annotations, self.annotated, self.corrections, self.corrected)
         for array, new, old in zip(arrays, state, before, strict=True):
-            if not np.array_equal(new, old):
-                array[index] = new
-        self.final[index] = self.merged_labels(index=index)
+            box = _chunk_box(new != old, index, array.chunks)
+            if box is not None:
+                array[box[0]] = new[box[1]]
+        touched = state.changed(before if edit_before is None else edit_before)
+        box = _chunk_box(touched, index, self.final.chunks)
+        if box is None:
+            return
+        where, local = box
+        r = self.latest_round
+        pseudo = self.pseudo_labels(r)[where] if r >= 1 else None
+        self.final[where] = merge_labels(pseudo, *(array[local] for array in state))
 
     def _outcome(self, record: dict, before: HumanState, values, mask) -> HumanState:
         """The human state of :meth:`_apply_region` once the edit is applied: the edit rule
@@ -1218,7 +1244,10 @@ class Project:
                 continue
             index = self._apply_region(record, mask)
             self._write_human(
-                index, self._outcome(record, before, values, mask), self._read_human(index)
+                index,
+                self._outcome(record, before, values, mask),
+                self._read_human(index),
+                edit_before=before,
             )
             self._mark_done(int(p.stem))
 
@@ -1421,20 +1450,44 @@ def _nonzero_slices(array: zarr.Array, axis: int) -> list[int]:
 def _npz_bytes(
     record: dict, values: np.ndarray, mask: np.ndarray, before: HumanState, changed: np.ndarray
 ) -> bytes:
+    """The edit as an ``.npz`` (what ``np.savez_compressed`` writes, at deflate level 1:
+    a whole-slice edit logs whole slices, and level 6 costs several times as long)."""
     import io
+    import zipfile
 
-    buf = io.BytesIO()
-    np.savez_compressed(
-        buf,
-        record=np.array(json.dumps(record)),
-        values=values,
-        mask=mask,
-        changed=changed,
+    arrays = {
+        "record": np.array(json.dumps(record)),
+        "values": values,
+        "mask": mask,
+        "changed": changed,
         **{
             f"before_{name}": array for name, array in zip(HumanState._fields, before, strict=True)
         },
-    )
+    }
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for name, array in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(array), allow_pickle=False)
     return buf.getvalue()
+
+
+def _chunk_box(
+    diff: np.ndarray, index: Sequence[slice], chunks: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """The whole chunks of block ``index`` holding a True of ``diff`` (its shape): their
+    box in the array and within the block, or None where nothing differs."""
+    if not diff.any():
+        return None
+    where, local = [], []
+    for axis, (block, size) in enumerate(zip(index, chunks, strict=True)):
+        other = tuple(a for a in range(diff.ndim) if a != axis)
+        hit = np.flatnonzero(diff.any(axis=other))
+        lo = max(block.start, (block.start + int(hit[0])) // size * size)
+        hi = min(block.stop, -(-(block.start + int(hit[-1]) + 1) // size) * size)
+        where.append(slice(lo, hi))
+        local.append(slice(lo - block.start, hi - block.start))
+    return tuple(where), tuple(local)
 
 
 def _edit_from_record(record: dict, n_voxels: int) -> Edit:

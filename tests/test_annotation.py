@@ -96,6 +96,68 @@ def test_session_flush_writes_touched_boxes(tiny_project, background):
     session.close()
 
 
+def paint(data, box, label):
+    """Paint ``box`` of ``data`` with ``label`` as napari's data_setitem does; the item."""
+    index = tuple(i.ravel() for i in np.mgrid[box])
+    old = data[index].copy()
+    data[index] = label
+    return [(index, old, np.full(old.shape, label, data.dtype))]
+
+
+def undo(data, item):
+    for index, old, _ in reversed(item):
+        data[index] = old
+
+
+def test_strokes_queued_behind_a_busy_writer_are_written_as_one_edit(tiny_project):
+    project, _, _ = tiny_project
+    session = ann.AnnotationSession(project, background=True)
+    data = np.asarray(project.annotations[...]).copy()
+    before = len(project.edits())
+    futures = []
+    with project.writing():  # another writer holds the project: the strokes queue up
+        for k in range(6):
+            session.add_stroke(
+                "annotation", paint(data, np.s_[6:7, 2 + 3 * k : 5 + 3 * k, 2:9], 1)
+            )
+            futures.append(session.flush_async(data))
+    saved = [f.result(30) for f in futures]
+    # The first stroke was taken before the writer met the lock; the five others wait
+    # behind it and are written together.
+    assert sum(len(s.edits) for s in saved) == 2 and len(project.edits()) == before + 2
+    np.testing.assert_array_equal(project.annotations[6], data[6])
+    assert (project.annotated[6] == 1).all() and 6 in session.annotated
+    session.close()
+
+
+def test_undo_of_one_stroke_written_with_others_reverts_only_its_voxels(tiny_project):
+    project, _, _ = tiny_project
+    session = ann.AnnotationSession(project, background=True)
+    data = np.asarray(project.annotations[...]).copy()
+    first = paint(data, np.s_[6:7, 2:8, 2:8], 1)
+    second = paint(data, np.s_[6:7, 5:12, 5:12], 2)  # overlaps the first
+    session.add_stroke("annotation", first)
+    session.add_stroke("annotation", second)
+    assert len(session.flush_async(data).result(30).edits) == 1
+    undo(data, second)  # Ctrl-Z: the second stroke only
+    session.add_undo("annotation", second)
+    session.flush_async(data).result(30)
+    np.testing.assert_array_equal(project.annotations[6], data[6])
+    assert (project.annotations[6, 2:8, 2:8] == 1).all()
+    assert (project.annotated[6] == 1).all()  # the first stroke still annotates the slice
+    undo(data, first)
+    session.add_undo("annotation", first)
+    session.flush_async(data).result(30)
+    assert not project.annotated[6].any() and 6 not in session.annotated
+    assert project.annotated_slices() == [1, 4]
+    data[6, 2:8, 2:8] = 1  # redo of the first
+    session.add_stroke("annotation", first)
+    session.flush_async(data).result(30)
+    np.testing.assert_array_equal(project.annotations[6], data[6])
+    assert project.annotated_slices() == [1, 4, 6]
+    session.close()
+
+
 def test_session_corrections_and_merged_slices(tiny_project, tiny_config):
     from napari_ssl_seg.engine import run_round
 

@@ -267,8 +267,11 @@ def test_messages(make_napari_viewer, qtbot, tmp_path, tif, crop):
     qtbot.waitUntil(lambda: widget.method_combo.count() > 1, timeout=60_000)  # registry loaded
     assert widget.method_combo.currentText() == TrainConfig().method
     widget.settings["method"] = "no-such-method"
-    assert widget.train()
-    qtbot.waitUntil(lambda: widget.job is None, timeout=ROUND_TIMEOUT_MS)
+    assert widget.train()  # started once the stroke is saved
+    qtbot.waitUntil(
+        lambda: widget.job is None and "Training failed" in widget.status_label.text(),
+        timeout=ROUND_TIMEOUT_MS,
+    )
     assert "Training failed: ValueError: unknown method 'no-such-method'" in (
         widget.status_label.text()
     )
@@ -293,6 +296,7 @@ def test_close_during_training_stops_the_child(make_napari_viewer, qtbot, tif, c
     paint_slice(widget.annotation_layer, crop[1], 4)
     widget.set_overrides(**{**TINY, "iterations": 100_000})
     assert widget.train()
+    qtbot.waitUntil(lambda: widget.job is not None, timeout=10_000)  # once saved
     job, path = widget.job, widget.project.path
     qtbot.waitUntil(lambda: widget._phase == "train", timeout=ROUND_TIMEOUT_MS)
     started = time.monotonic()
