@@ -955,10 +955,19 @@ class Project:
     def save_pretrained(self, name: str, payload: bytes) -> Path:
         """Keep pretraining weights ``payload`` as ``name``, with their sha256 beside them."""
         path = self.pretrained_path(name)
+        digest_path = path.with_name(path.name + ".sha256")
+        digest = hashlib.sha256(payload).hexdigest()
         with self.writing(what="saving pretraining weights"):
+            # Two files cannot be replaced at once: while the weights are replaced, the
+            # digest file vouches for the new and the old, so a process killed between
+            # the writes leaves weights that verify (the old or the new), never neither.
+            try:
+                old = digest_path.read_text().split()
+            except OSError:
+                old = []
+            _atomic_write_bytes(digest_path, "\n".join([digest, *old]).encode())
             _atomic_write_bytes(path, payload)
-            digest = hashlib.sha256(payload).hexdigest()
-            _atomic_write_bytes(path.with_name(path.name + ".sha256"), digest.encode())
+            _atomic_write_bytes(digest_path, digest.encode())
         return path
 
     def load_pretrained(self, name: str) -> bytes | None:
@@ -974,10 +983,11 @@ class Project:
             return None
         payload = path.read_bytes()
         try:
-            expected = path.with_name(path.name + ".sha256").read_text().strip()
+            # One digest, or while a save was under way the new and the old ones.
+            expected = path.with_name(path.name + ".sha256").read_text().split()
         except OSError:
             raise ProjectError(f"{path}: no sha256 recorded beside it; not trusted") from None
-        if hashlib.sha256(payload).hexdigest() != expected:
+        if hashlib.sha256(payload).hexdigest() not in expected:
             raise ProjectError(f"{path} does not match its recorded sha256 (damaged or altered)")
         return payload
 
