@@ -78,6 +78,9 @@ def soft_dice_loss(
 def compute_sdf(target: np.ndarray, num_classes: int) -> np.ndarray:
     """Normalised signed distance map per foreground class (DTC ``compute_sdf``).
 
+    For a fully known label map. Training uses :func:`masked_sdf_targets`, which also
+    knows which voxels were annotated and where the crop ends.
+
     Parameters
     ----------
     target : (B, *spatial) int ndarray
@@ -90,6 +93,8 @@ def compute_sdf(target: np.ndarray, num_classes: int) -> np.ndarray:
     (B, K-1, *spatial) float32 ndarray
         For each sample and class c >= 1: negative inside, positive outside, in [-1, 1],
         0 on the inner boundary; all zeros where the class is absent (or fills the map).
+        The inner boundary is a voxel of c with a voxel of another class next to it along
+        an axis (DTC: ``find_boundaries(mode="inner")``); the crop edge is not a boundary.
     """
     out = np.zeros((target.shape[0], num_classes - 1) + target.shape[1:], np.float32)
     for b in range(target.shape[0]):
@@ -99,9 +104,8 @@ def compute_sdf(target: np.ndarray, num_classes: int) -> np.ndarray:
                 continue
             posdis = ndimage.distance_transform_edt(fg)
             negdis = ndimage.distance_transform_edt(~fg)
-            boundary = fg & ~ndimage.binary_erosion(fg)
-            sdf = negdis / max(negdis.max(), 1e-8) - posdis / max(posdis.max(), 1e-8)
-            sdf[boundary] = 0.0
+            sdf = negdis / negdis.max() - posdis / posdis.max()
+            sdf[posdis == 1] = 0.0  # an axis neighbour is outside: the inner boundary
             out[b, c - 1] = sdf
     return out
 
@@ -124,10 +128,24 @@ def heaviside(sdf: torch.Tensor, k: float) -> torch.Tensor:
     return torch.sigmoid(-k * sdf)
 
 
+def _distance_to(voxels: np.ndarray) -> np.ndarray:
+    """Euclidean distance of every voxel to the nearest True voxel; inf where there is none."""
+    if not voxels.any():
+        return np.full(voxels.shape, np.inf)
+    return ndimage.distance_transform_edt(~voxels)
+
+
 def masked_sdf_targets(
     target: torch.Tensor, weight: torch.Tensor, num_classes: int
-) -> torch.Tensor:
-    """Signed distance targets built from the annotated voxels only.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed distance targets of the annotated voxels, and where they can be trusted.
+
+    The distance of an annotated voxel of class c to the nearest annotated voxel of
+    another class (or, outside c, to the nearest annotated voxel of c) is the true one
+    only when no unannotated voxel is nearer: that voxel could be of either class. The
+    space beyond the crop edge is unannotated too. Where an unannotated voxel is nearer,
+    the target is left out (its loss weight is 0), so a correction box inside an object
+    gets no boundary at the box edge, and an object cut by the crop edge no boundary there.
 
     Parameters
     ----------
@@ -140,33 +158,55 @@ def masked_sdf_targets(
 
     Returns
     -------
-    (B, K-1, *spatial) float32 tensor on ``target``'s device
-        :func:`compute_sdf` of the target with unannotated voxels counted as outside every
-        class (so unannotated voxels cannot change the map). Unlike DTC, a class absent
-        from a sample gets +1 everywhere (all outside) instead of 0, and a class filling
-        it gets -1: with 2D slices, many of which lack a class, a 0 target would teach
-        ``heaviside(0) = 0.5`` ("maybe") on every empty slice.
+    sdf : (B, K-1, *spatial) float32 tensor on ``target``'s device
+        :func:`compute_sdf`'s values where the loss weight is non-zero: negative inside,
+        positive outside, 0 on the inner boundary; each side divided by its largest
+        distance among the annotated voxels (DTC divides by the largest in the map). 0
+        elsewhere.
+    loss_weight : (B, K-1, *spatial) float32 tensor on ``target``'s device
+        ``weight`` where the target is decided by annotated voxels alone, 0 elsewhere. A
+        class with no annotated voxel in a sample (or no annotated voxel outside it) has
+        no trusted distance there; DTC's all-zero map would teach "boundary everywhere".
     """
-    known = torch.where(weight > 0, target, torch.zeros_like(target))
-    sdf = sdf_targets(known, num_classes)
-    dims = tuple(range(1, known.ndim))
-    for c in range(1, num_classes):
-        count = (known == c).sum(dims)
-        sdf[count == 0, c - 1] = 1.0
-        sdf[count == known[0].numel(), c - 1] = -1.0
-    return sdf
+    known = (weight > 0).cpu().numpy()
+    labels = target.detach().cpu().numpy()
+    shape = (labels.shape[0], num_classes - 1) + labels.shape[1:]
+    sdf = np.zeros(shape, np.float32)
+    trusted = np.zeros(shape, bool)
+    for b in range(labels.shape[0]):
+        # distance to the nearest unannotated voxel, the ring just beyond the crop included
+        beyond = np.pad(~known[b], 1, constant_values=True)
+        to_unknown = _distance_to(beyond)[(slice(1, -1),) * known[b].ndim]
+        for c in range(1, num_classes):
+            inside = known[b] & (labels[b] == c)
+            outside = known[b] & (labels[b] != c)
+            posdis = _distance_to(outside)  # read on inside voxels
+            negdis = _distance_to(inside)  # read on outside voxels
+            ok_in = inside & (posdis <= to_unknown)
+            ok_out = outside & (negdis <= to_unknown)
+            if ok_in.any():
+                sdf[b, c - 1][ok_in] = -posdis[ok_in] / posdis[inside].max()
+                sdf[b, c - 1][ok_in & (posdis == 1)] = 0.0  # the inner boundary
+            if ok_out.any():
+                sdf[b, c - 1][ok_out] = negdis[ok_out] / negdis[outside].max()
+            trusted[b, c - 1] = ok_in | ok_out
+    loss_weight = torch.from_numpy(trusted).to(weight.device, weight.dtype)
+    loss_weight = loss_weight * weight.unsqueeze(1)
+    return torch.from_numpy(sdf).to(target.device), loss_weight
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over voxels with non-zero weight, averaged over channels.
+    """Weighted mean squared error: sum(w (pred - target)^2) / sum(w) over voxels and channels.
 
-    ``pred`` and ``target`` are (B, C, *spatial); ``weight`` is (B, *spatial). Zero (with a
-    gradient path) when no voxel has weight.
+    ``pred`` and ``target`` are (B, C, *spatial); ``weight`` is (B, *spatial) (the same for
+    every channel) or (B, C, *spatial). Zero (with a gradient path) when no voxel has weight.
     """
-    total = weight.sum() * pred.shape[1]
+    if weight.ndim == pred.ndim - 1:
+        weight = weight.unsqueeze(1).expand_as(pred)
+    total = weight.sum()
     if total <= 0:
         return pred.sum() * 0.0
-    return (((pred - target) ** 2) * weight.unsqueeze(1)).sum() / total
+    return (((pred - target) ** 2) * weight).sum() / total
 
 
 def weighted_dice_loss(

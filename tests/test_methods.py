@@ -118,9 +118,10 @@ def test_ema_teacher_moves_toward_student():
     assert distance() == pytest.approx(before * 20 / 21 * method.settings.ema_decay, rel=1e-3)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", [*METHODS, "diffusion"])
 def test_unannotated_voxels_are_ignored(name):
-    method = make_method(name, num_classes=3)
+    small = {"width": 8} if name == "diffusion" else {}
+    method = make_method(name, num_classes=3, **small)
     labelled, unlabelled = make_batches(3)
     changed = labelled.target.clone()
     unannotated = labelled.weight == 0
@@ -216,3 +217,154 @@ def test_supervised_ensemble_trains_members_in_turn_and_averages_them():
     assert set(single) == {k for k in method.state_dict() if k.startswith("net.")}
     with pytest.raises(ValueError, match="networks must be an integer >= 1, got 0"):
         get_method("supervised").make_settings({"networks": 0})
+
+
+# --- reference values of the unlabelled-data terms ---------------------------------------
+
+
+def constant_output(conv: torch.nn.Module, values) -> None:
+    """Make a 1x1 output convolution return ``values`` at every voxel (zero weight, bias)."""
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.copy_(torch.tensor(values, dtype=torch.float32))
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_dtc_dual_consistency_of_known_heads():
+    method = make_method("dtc")  # heaviside_k 100
+    constant_output(method.net.seg_head, [0.0, math.log(3.0)])  # p_fg = 0.75
+    constant_output(method.net.sdf_head, [math.atanh(0.01)])  # sdf = 0.01, just outside
+    _, parts = method.training_loss(*make_batches(), TOTAL - 1)
+    assert parts["ramp"] == 1.0
+    # sigmoid(-100 * 0.01): an SDF of the wrong sign would give sigmoid(+1)
+    assert parts["consistency"] == pytest.approx((sigmoid(-1.0) - 0.75) ** 2, rel=1e-5)
+
+
+def test_dtml_mutual_term_of_known_nets_counts_once_per_network():
+    method = make_method("dtml")
+    constant_output(method.seg_net.final_conv, [0.0, math.log(3.0)])
+    constant_output(method.distance_net.final_conv, [math.atanh(0.01)])
+    _, parts = method.training_loss(*make_batches(), TOTAL - 1)
+    assert parts["consistency"] == pytest.approx(2 * (sigmoid(-1.0) - 0.75) ** 2, rel=1e-5)
+
+
+def test_dtml_gradients_match_the_references_two_backward_calls():
+    # train_la_dtml.py: model_seg_loss = L_seg + lambda L_cons and model_dis_loss = L_dis +
+    # lambda L_cons, backpropagated one after the other into both networks.
+    method = make_method("dtml")
+    labelled, unlabelled = make_batches()
+    unannotated = Batch(labelled.image, labelled.target, torch.zeros_like(labelled.weight))
+    loss, _ = method.training_loss(unannotated, unlabelled, TOTAL - 1)  # L_cons terms only
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in method.named_parameters()}
+    method.zero_grad(set_to_none=True)
+    images = torch.cat([labelled.image, unlabelled.image])
+    level = torch.sigmoid(-method.settings.heaviside_k * torch.tanh(method.distance_net(images)))
+    mutual = torch.mean((level - method.seg_net(images).softmax(1)[:, 1:]) ** 2)
+    lam = method.ramp_weight(TOTAL - 1)
+    (lam * mutual).backward(retain_graph=True)  # model_seg_loss's consistency
+    (lam * mutual).backward()  # model_dis_loss's consistency
+    for name, param in method.named_parameters():
+        torch.testing.assert_close(ours[name], param.grad, msg=name)
+
+
+def student_probs(method, unlabelled):
+    with torch.no_grad():
+        return method.student(unlabelled.image).softmax(1)
+
+
+def test_mean_teacher_consistency_of_a_known_teacher():
+    method = make_method("mean-teacher")
+    constant_output(method.teacher.final_conv, [math.log(0.7), math.log(0.3)])
+    labelled, unlabelled = make_batches()
+    _, parts = method.training_loss(labelled, unlabelled, TOTAL - 1)
+    teacher = torch.tensor([0.7, 0.3]).view(1, 2, 1, 1)
+    expected = ((student_probs(method, unlabelled) - teacher) ** 2).mean().item()
+    assert parts["consistency"] == pytest.approx(0.1 * expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("teacher_p", "step", "certain"),
+    [
+        (0.7, 0, False),  # entropy 0.611 > 0.75 ln 2 (+ a tiny ramp) = 0.521
+        (0.7, TOTAL - 1, True),  # threshold ~ ln 2 = 0.693 at the end of the run
+        (0.9, 0, True),  # entropy 0.325
+    ],
+)
+def test_ua_mt_mask_at_a_known_entropy(teacher_p, step, certain):
+    method = make_method("ua-mt", warmup_fraction=0.0)
+    p = torch.tensor([teacher_p, 1 - teacher_p])
+    constant_output(method.teacher.final_conv, p.log().tolist())
+    labelled, unlabelled = make_batches()
+    _, parts = method.training_loss(labelled, unlabelled, step)
+    entropy = -(p * p.log()).sum().item()
+    threshold = (0.75 + 0.25 * sigmoid_rampup(step, TOTAL)) * math.log(2)
+    assert (entropy < threshold) == certain
+    assert parts["certain_fraction"] == (1.0 if certain else 0.0)
+    squared = (student_probs(method, unlabelled) - p.view(1, 2, 1, 1)) ** 2
+    expected = squared.mean().item() if certain else 0.0  # mean over certain voxels, classes
+    weight = 0.1 * method.ramp_weight(step)
+    assert parts["consistency"] == pytest.approx(weight * expected, rel=1e-5, abs=1e-12)
+
+
+def test_cps_target_is_the_other_networks_argmax():
+    method = make_method("cps")
+    constant_output(method.net_a.final_conv, [2.0, 0.0])  # a says class 0
+    constant_output(method.net_b.final_conv, [0.0, 1.0])  # b says class 1
+    _, parts = method.training_loss(*make_batches(), TOTAL - 1)
+    # a learns class 1 from b: CE = log(1 + e^2); b learns class 0 from a: log(1 + e)
+    cross = math.log(1 + math.exp(2.0)) + math.log(1 + math.exp(1.0))
+    assert parts["consistency"] == pytest.approx(0.1 * cross, rel=1e-5)
+
+
+def test_one_ema_step_of_known_weights():
+    # SSL4MIS update_ema_variables(..., iter_num) runs before iter_num += 1, so the first
+    # step (0) copies the student: decay min(1 - 1 / (step + 1), 0.99).
+    method = make_method("mean-teacher")
+
+    def fill(module, value):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.fill_(value)
+
+    def teacher_values():
+        return {round(v, 6) for p in method.teacher.parameters() for v in p.flatten().tolist()}
+
+    fill(method.teacher, 0.0)
+    fill(method.student, 1.0)
+    method.after_step(0)
+    assert teacher_values() == {1.0}
+    fill(method.student, 3.0)
+    method.after_step(1)  # decay 1/2
+    assert teacher_values() == {2.0}
+    method.after_step(4)  # decay 4/5
+    assert teacher_values() == {2.2}
+    method.after_step(1000)  # decay 0.99
+    assert teacher_values() == {round(0.99 * 2.2 + 0.01 * 3.0, 6)}
+
+
+def test_simcvd_teacher_sees_its_own_dropout_view():
+    method = make_method("simcvd")  # NET has no dropout: view_dropout applies
+    method.train()
+    method.after_step(0)  # teacher == student: only dropout can tell their views apart
+    captured = {}
+
+    def keep(name):
+        def hook(module, args, output) -> None:  # returns None: the output stays as it is
+            captured.setdefault(name, output.detach().clone())
+
+        return hook
+
+    method.student.unet.body.register_forward_hook(keep("student"))
+    method.teacher.unet.body.register_forward_hook(keep("teacher"))
+    labelled, unlabelled = make_batches()
+    _, parts = method.training_loss(labelled, unlabelled, TOTAL - 1)
+    assert parts["contrast"] > 0 and "teacher" in captured
+    assert not torch.allclose(captured["teacher"], captured["student"])
+    images = torch.cat([labelled.image, unlabelled.image])
+    with torch.no_grad():
+        without_dropout = method.teacher.eval().unet.body(images)
+    assert not torch.allclose(captured["teacher"], without_dropout)

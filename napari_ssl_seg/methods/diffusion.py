@@ -24,7 +24,8 @@ Where we differ from the authors' code (methods.md section 1), and why:
   the probabilities, the losses and the mask fed to the image pathway (2 softmax - 1) are
   all consistent and bounded however large the logits grow.
 * Prediction is one x0 step at a fixed timestep with seeded noise, not at a random t, so
-  it is deterministic; optional averaging over several timesteps and DDIM sampling.
+  it is deterministic; optional averaging over several timesteps and DDIM sampling (eta 0,
+  each step to the next timestep of MONAI's linspace list).
 * Rounds may be chained (``chained_rounds``); the code re-samples from the first mask.
 * The supervised terms default to 0.5 (CE + Dice) with per-voxel weights; "dice" gives the
   code's Dice-only losses. The label-free probe of stage 1 (for checkpoint selection) is
@@ -425,11 +426,24 @@ class DiffusionMethod(SSLMethod):
         return probs / len(nets)
 
     def _ddim(self, net, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """DDIM (eta 0) on the mask from pure noise; returns the last step's logits."""
+        """DDIM (eta 0) on the mask from pure noise; returns the last step's logits.
+
+        Each step takes the mask from t to the next timestep of the list (alpha_bar = 1
+        after the last): x_next = sqrt(a_next) x0 + sqrt(1 - a_next) eps, with eps read
+        from x_t and x0. MONAI's ``DDIMScheduler.step`` assumes a stride of T // steps,
+        which its own linspace ``set_timesteps`` does not follow (1000 steps, 5: 999 -> 799
+        there, while the next step is told t = 749), so only its list is used.
+        """
         self.ddim.set_timesteps(self.settings.ddim_steps)
+        timesteps = [int(t) for t in self.ddim.timesteps]
+        alpha_bar = self.scheduler.alphas_cumprod.to(image)
         logits = None
-        for t in self.ddim.timesteps:
-            t_batch = torch.full((image.shape[0],), int(t), device=image.device, dtype=torch.long)
+        for t, t_next in zip(timesteps, [*timesteps[1:], None], strict=True):
+            t_batch = torch.full((image.shape[0],), t, device=image.device, dtype=torch.long)
             logits = self._run(net, torch.cat([mask, image], 1), t_batch)
-            mask, _ = self.ddim.step(2 * logits.softmax(1) - 1, int(t), mask)
+            x0 = 2 * logits.softmax(1) - 1
+            a = alpha_bar[t]
+            a_next = alpha_bar[t_next] if t_next is not None else torch.ones_like(a)
+            eps = (mask - a.sqrt() * x0) / (1 - a).sqrt()
+            mask = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
         return logits

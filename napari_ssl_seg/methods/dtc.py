@@ -11,7 +11,9 @@ segmentation head.
 
 Label contract: on annotated voxels 0 is background and 1..K-1 are classes; voxels with
 weight 0 were never annotated and are ignored by the supervised terms (the SDF targets
-are built from annotated voxels only, see :func:`~napari_ssl_seg.losses.masked_sdf_targets`).
+are built from annotated voxels only, and left out where an unannotated voxel or the crop
+edge is nearer than the distance they give, see
+:func:`~napari_ssl_seg.losses.masked_sdf_targets`).
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ class DTC(SSLMethod):
         logits, sdf = self.net(images)
         target, weight = labelled.target, labelled.weight
         supervised = weighted_ce_dice(logits[:n_lab], target, weight)
-        sdf_target = masked_sdf_targets(target, weight, self.num_classes)
-        sdf_loss = s.sdf_weight * weighted_mse(sdf[:n_lab], sdf_target, weight)
+        sdf_target, sdf_trusted = masked_sdf_targets(target, weight, self.num_classes)
+        sdf_loss = s.sdf_weight * weighted_mse(sdf[:n_lab], sdf_target, sdf_trusted)
         ramp_value = self.ramp_weight(step)
         dual = torch.mean((heaviside(sdf, s.heaviside_k) - foreground_probs(logits)) ** 2)
         consistency = s.consistency_weight * ramp_value * dual

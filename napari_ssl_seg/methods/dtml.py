@@ -3,13 +3,17 @@
 Two networks instead of DTC's two heads (author, DTML issue #1): a segmentation UNet and
 a distance UNet whose tanh output is one signed distance map per foreground class.
 
-    L_seg = 0.5 (CE + Dice)(seg(x_l), y)
-    L_dis = Dice(sigmoid(-k dis(x_l)), y) + gamma * MSE_w(dis(x_l), SDF(y))
-    L     = L_seg + L_dis + lambda(t) * mean((sigmoid(-k dis(x)) - p_fg(seg(x)))^2)
+    L_cons = mean((sigmoid(-k dis(x)) - p_fg(seg(x)))^2)
+    L_seg  = 0.5 (CE + Dice)(seg(x_l), y) + lambda(t) L_cons
+    L_dis  = Dice(sigmoid(-k dis(x_l)), y) + gamma * MSE_w(dis(x_l), SDF(y)) + lambda(t) L_cons
+    L      = L_seg + L_dis
 
-over labelled and unlabelled x for the consistency. gamma = 0 reproduces the released
-code, which computes the SDF regression but adds it to no loss. Prediction uses the
-segmentation network.
+over labelled and unlabelled x for the consistency. Each network's loss carries the
+consistency, as in the released code (``model_seg_loss`` and ``model_dis_loss``, each
+backpropagated into both networks), so one backward of L gives both networks the
+gradient of 2 lambda(t) L_cons, as the code's two backward calls do. gamma = 0 reproduces
+the released code, which computes the SDF regression but adds it to no loss. Prediction
+uses the segmentation network.
 
 Label contract: on annotated voxels 0 is background and 1..K-1 are classes; voxels with
 weight 0 were never annotated and are ignored by the supervised terms.
@@ -40,8 +44,8 @@ from napari_ssl_seg.models import build_unet, predict_softmax
 class DTMLSettings:
     """DTML knobs; interactive defaults, reference values in the comments."""
 
-    # Consistency weight; code: lambda max 1.0, but the term reaches each network through
-    # two backward calls, so its effective weight there is 2.0.
+    # lambda max, in each network's loss; code 1.0 (``--consistency``). L_cons is in both
+    # losses, so each network gets the gradient of 2 lambda L_cons, as in the code.
     consistency_weight: float = 1.0
     # Heaviside sharpness; paper 1500 (see DTCSettings.heaviside_k for why 100).
     heaviside_k: float = 100.0
@@ -99,11 +103,12 @@ class DTML(SSLMethod):
         distance = weighted_dice_loss(
             level[:n_lab], foreground_onehot(known, self.num_classes), weight
         )
-        sdf_target = masked_sdf_targets(target, weight, self.num_classes)
-        sdf_loss = s.sdf_weight * weighted_mse(sdf[:n_lab], sdf_target, weight)
+        sdf_target, sdf_trusted = masked_sdf_targets(target, weight, self.num_classes)
+        sdf_loss = s.sdf_weight * weighted_mse(sdf[:n_lab], sdf_target, sdf_trusted)
         ramp_value = self.ramp_weight(step)
         mutual = torch.mean((level - foreground_probs(logits)) ** 2)
-        consistency = s.consistency_weight * ramp_value * mutual
+        # once in the segmentation net's loss and once in the distance net's (see above)
+        consistency = 2 * s.consistency_weight * ramp_value * mutual
         loss = supervised + distance + sdf_loss + consistency
         return loss, {
             "supervised": supervised.item(),

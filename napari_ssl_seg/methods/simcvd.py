@@ -158,8 +158,8 @@ class SimCVD(MeanTeacher):
         target, weight = labelled.target, labelled.weight
         seg, sdf, emb = self.student.forward_all(images)
         supervised = weighted_ce_dice(seg[:n_lab], target, weight)
-        sdf_target = masked_sdf_targets(target, weight, self.num_classes)
-        sdf_loss = s.sdf_weight * weighted_mse(sdf[:n_lab], sdf_target, weight)
+        sdf_target, sdf_trusted = masked_sdf_targets(target, weight, self.num_classes)
+        sdf_loss = s.sdf_weight * weighted_mse(sdf[:n_lab], sdf_target, sdf_trusted)
         ramp_value = self.ramp_weight(step)
         consistency = contrast = pairwise = seg.new_zeros(())
         if ramp_value > 0:
