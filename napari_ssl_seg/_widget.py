@@ -255,6 +255,7 @@ class SslSegWidget(WidgetLayout, QWidget):
         self._refresh_export_choices()
         self._set_busy(False)
         self._update_slice_info()
+        self.show_step("Review" if project.latest_round else "Annotate")
         what = "Created" if opened.created else "Opened"
         extra = (
             f"; imported annotated slices {ann.format_slices(opened.imported)}"
@@ -716,6 +717,7 @@ class SslSegWidget(WidgetLayout, QWidget):
 
     def _round_ready(self, record: dict, merged: np.ndarray) -> None:
         self._show_round(int(record["round"]), merged)
+        self.show_step("Review")
         self._refresh_export_choices()
         early = (
             f", stopped early after {record['iterations_done']} iterations"

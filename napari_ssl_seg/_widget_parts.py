@@ -22,6 +22,7 @@ from qtpy.QtWidgets import (
     QPushButton,
     QScrollArea,
     QSizePolicy,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -82,31 +83,45 @@ class WidgetLayout:
     """
 
     def _build(self) -> None:
-        inner = QWidget()
-        column = QVBoxLayout(inner)
-        column.setContentsMargins(4, 4, 4, 4)
-        for build in (
-            self._build_project,
-            self._build_annotate,
-            self._build_train,
-            self._build_review,
-            self._build_export,
+        # Tabs, one per step of the loop, so that the whole widget fits napari's default
+        # window; the status line and "saving…" stay in view below them.
+        self.tabs = QTabWidget()
+        self.tabs.setUsesScrollButtons(True)
+        for title, build in (
+            ("Project", self._build_project),
+            ("Annotate", self._build_annotate),
+            ("Train", self._build_train),
+            ("Review", self._build_review),
+            ("Export", self._build_export),
         ):
-            column.addWidget(build())
+            group = build()
+            group.setTitle("")
+            page = QWidget()
+            column = QVBoxLayout(page)
+            column.setContentsMargins(2, 2, 2, 2)
+            column.addWidget(group)
+            column.addStretch(1)
+            scroll = QScrollArea(widgetResizable=True)
+            scroll.setWidget(page)
+            scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+            scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+            self.tabs.addTab(scroll, title)
         self.status_label = wrapping_label("")
-        column.addWidget(self.status_label)
         # "saving…" while strokes are on their way to the project
         self.save_label = wrapping_label("", muted=True)
-        column.addWidget(self.save_label)
-        column.addStretch(1)
-        scroll = QScrollArea(widgetResizable=True)
-        scroll.setWidget(inner)
-        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
+        outer.addWidget(self.tabs, 1)
+        outer.addWidget(self.progress_bar)  # from the Train tab: a round shows everywhere
+        outer.addWidget(self.status_label)
+        outer.addWidget(self.save_label)
         self.setMinimumWidth(300)
+
+    def show_step(self, title: str) -> None:
+        """Bring the tab of a step of the loop ("Annotate", "Review" ...) to the front."""
+        for k in range(self.tabs.count()):
+            if self.tabs.tabText(k) == title:
+                self.tabs.setCurrentIndex(k)
 
     def _build_project(self) -> QGroupBox:
         group = QGroupBox("Project")
