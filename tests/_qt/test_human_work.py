@@ -261,18 +261,23 @@ def test_stress_painting_through_three_rounds_beside_a_cli_correct(
     assert {e.source for e in edits} == {"test", "widget", "cli"}
     assert [e.kind for e in edits if e.source == "cli"] == ["correction", "correction"]
 
-    def edit_of(kind, spot):
-        return max(
-            e.id
-            for e in edits
-            if e.kind == kind
-            and e.source == "widget"
-            and all(s.start <= c < s.stop for s, c in zip(e.region, spot, strict=True))
-        )
+    def edit_of(kind, spot, label):
+        """The last widget edit that painted ``label`` at ``spot`` (its logged mask)."""
+        found = []
+        for e in edits:
+            if e.kind != kind or e.source != "widget":
+                continue
+            if not all(s.start <= c < s.stop for s, c in zip(e.region, spot, strict=True)):
+                continue
+            inner = tuple(c - s.start for s, c in zip(e.region, spot, strict=True))
+            with np.load(project._edit_path(e.id, ".npz")) as logged:
+                if logged["mask"][inner] and logged["values"][inner] == label:
+                    found.append(e.id)
+        return max(found)
 
     in_order = sorted(last.items(), key=lambda item: item[1][0])
     for z in {spot[0] for (_, spot) in last}:
-        ids = [edit_of(kind, spot) for (kind, spot), _ in in_order if spot[0] == z]
+        ids = [edit_of(kind, spot, label) for (kind, spot), (_, label) in in_order if spot[0] == z]
         assert ids == sorted(ids), z
     widget.close()
 
@@ -313,6 +318,7 @@ def test_export_proposes_a_new_name_and_says_where(
     np.testing.assert_array_equal(written, project.merged_labels())
     assert str(tmp_path / "nuclei.ssl-labels.r1-2.tif") in widget.status_label.text()
 
+
 def test_train_queues_behind_pending_saves_without_freezing(make_napari_viewer, qtbot, trained):
     """Train clicked right after painting a dense slice: the click returns at once, the
     widget says "saving…", and the round trains on the painted slice once it is saved."""
@@ -338,4 +344,27 @@ def test_train_queues_behind_pending_saves_without_freezing(make_napari_viewer, 
     assert 10 in project.round_record(2)["human_slices"]
     np.testing.assert_array_equal(project.annotations[10], layer.data[10])
     assert (project.annotated[10] == 1).all()
+    widget.close()
+
+
+def test_the_widget_fits_napari_s_window_and_shows_the_next_step(
+    make_napari_viewer, qtbot, trained
+):
+    tif, _ = trained
+    viewer = make_napari_viewer(show=True)
+    widget = open_widget(viewer, qtbot, tif)
+    qtbot.waitUntil(lambda: widget.isVisible(), timeout=SAVE_TIMEOUT_MS)
+    assert [widget.tabs.tabText(k) for k in range(widget.tabs.count())] == [
+        "Project",
+        "Annotate",
+        "Train",
+        "Review",
+        "Export",
+    ]
+    assert widget.tabs.tabText(widget.tabs.currentIndex()) == "Review"  # a round to review
+    # The status line and the progress stay in view at napari's window size.
+    window = viewer.window._qt_window
+    assert widget.minimumSizeHint().height() < window.height()
+    for part in (widget.status_label, widget.progress_bar, widget.tabs):
+        assert part.isVisible() and not part.visibleRegion().isEmpty()
     widget.close()
