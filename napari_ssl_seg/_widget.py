@@ -825,8 +825,11 @@ class SslSegWidget(WidgetLayout, QWidget):
         self._uncertain = [int(s["slice"]) for s in project.round_record(r)["uncertain_slices"]]
         self._uncertain_pos = -1
         self.uncertain_list.clear()
-        for s in project.round_record(r)["uncertain_slices"]:
-            item = QListWidgetItem(f"slice {s['slice']}   uncertainty {s['uncertainty']:.3f}")
+        for rank, s in enumerate(project.round_record(r)["uncertain_slices"], 1):
+            # The score is the mean doubt (1 - confidence) over the slice's unlabelled voxels.
+            doubt = 100 * float(s["uncertainty"])
+            bar = "█" * min(10, round(doubt / 5)) or "▏"
+            item = QListWidgetItem(f"#{rank}  slice {s['slice']}   {bar} {doubt:.0f} % unsure")
             item.setData(Qt.ItemDataRole.UserRole, int(s["slice"]))
             self.uncertain_list.addItem(item)
         self.project_label.setText(
@@ -1027,7 +1030,8 @@ class SslSegWidget(WidgetLayout, QWidget):
 
     def _require_project(self) -> bool:
         if self.session is None or self.image_layer is None or self.annotation_layer is None:
-            self._message("Open a project first (Project ▸ Open / create project).", "warning")
+            self.show_step("Project")
+            self._message("Open a project first (Project tab: Open / create project).", "warning")
             return False
         return True
 
