@@ -382,3 +382,24 @@ def test_init_and_correct_refuse_labels_that_are_not_classes(files, capsys):
     assert Project.open(proj).corrected_slices() == []
     assert main([*argv, "--max-classes", "1000"]) == 0
     assert Project.open(proj).corrected_slices() == [4]
+
+
+def test_cli_correct_follows_the_edit_rule(files, capsys):
+    """The latest human act wins from the CLI too: a correction of an annotated slice
+    beats the annotation, and a later annotation (API, the widget's path) beats it."""
+    tmp, f = files
+    proj = tmp / "p.zarr"
+    argv = ["init", str(proj), "--image", str(f["image"]), "--labels", str(f["labels"])]
+    assert main([*argv, "--annotated-slices", "1,4"]) == 0
+    assert main(["train", str(proj), *TINY]) == 0
+    fix = np.zeros(tifffile.imread(f["truth"]).shape, np.uint16)
+    fix[4, :8, :8] = 2  # the annotator now says slice 4 holds class 2 here, else nothing
+    tifffile.imwrite(tmp / "fix.tif", fix)
+    assert main(["correct", str(proj), "--labels", str(tmp / "fix.tif"), "--slices", "4"]) == 0
+    project = Project.open(proj)
+    np.testing.assert_array_equal(project.merged_labels()[4], fix[4])
+    box = (slice(4, 5), slice(0, 2), slice(0, 2))
+    project.apply_edit("annotation", box, np.ones((1, 2, 2), np.uint16), whole_slices=True)
+    assert main(["export", str(proj), "--out", str(tmp / "out.tif")]) == 0
+    written = tifffile.imread(tmp / "out.tif")
+    assert (written[box] == 1).all() and (written[4, 2:8, 2:8] == 2).all()
