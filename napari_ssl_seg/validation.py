@@ -43,8 +43,9 @@ def holdout_bands(
     Each slice's labelled rows are cut into ``round(1 / fraction)`` bands holding about
     equal numbers of human voxels; slice number ``j`` (in order) holds out band
     ``(rotation + j) % bands``. Where that leaves a class that humans labelled without a
-    held-out voxel, or without a training voxel, the next rotation is tried (all of them
-    at most), so a rare class is validated whenever a rotation allows it.
+    training voxel, or without a held-out one, the next rotations are tried: the first
+    that keeps the most classes in training, then validates the most, is used (a class
+    found in one band only is then never held out whole).
 
     Parameters
     ----------
@@ -75,29 +76,32 @@ def holdout_bands(
         before = np.cumsum(per_row) - per_row
         row_band[i] = np.minimum((bands * before) // max(1, per_row.sum()), bands - 1)
     classes = np.unique(np.concatenate([human[i][0][human[i][1]] for i in slices]))
-    first = None
+    best, best_rank = {}, None
     for attempt in range(bands):
         held = {}
         for j, i in enumerate(slices):
             band = (rotation + attempt + j) % bands
             held[i] = human[i][1] & (row_band[i] == band)[:, None]
-        first = held if first is None else first
-        if _every_class_on_both_sides(human, held, classes):
+        # Every class must keep training voxels first, then be validated where it can.
+        trained, validated = _classes_on_each_side(human, held, classes)
+        rank = (trained, validated)
+        if best_rank is None or rank > best_rank:
+            best, best_rank = held, rank
+        if rank == (len(classes), len(classes)):
             break
-    else:
-        held = first
+    held = best
     if sum(int(m.sum()) for m in held.values()) < MIN_HELD_OUT:
         return {}
     return held
 
 
-def _every_class_on_both_sides(human, held, classes) -> bool:
+def _classes_on_each_side(human, held, classes) -> tuple[int, int]:
+    """How many of ``classes`` keep training voxels, and how many have held-out ones."""
+    trained = validated = 0
     for c in classes:
-        out = sum(int(((human[i][0] == c) & held[i]).sum()) for i in held)
-        kept = sum(int(((human[i][0] == c) & human[i][1] & ~held[i]).sum()) for i in held)
-        if out == 0 or kept == 0:
-            return False
-    return True
+        validated += any(((human[i][0] == c) & held[i]).any() for i in held)
+        trained += any(((human[i][0] == c) & human[i][1] & ~held[i]).any() for i in held)
+    return trained, validated
 
 
 def class_counts(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
@@ -138,9 +142,9 @@ def dice_scores(counts: np.ndarray) -> dict[str, float | dict[str, float] | None
     for c in range(1, len(counts)):
         overlap, predicted, true = (int(v) for v in counts[c])
         if predicted + true:
-            per_class[str(c)] = round(2.0 * overlap / (predicted + true), 5)
+            per_class[str(c)] = 2.0 * overlap / (predicted + true)
     mean = round(float(np.mean(list(per_class.values()))), 5) if per_class else None
-    return {"dice": per_class, "mean": mean}
+    return {"dice": {c: round(d, 5) for c, d in per_class.items()}, "mean": mean}
 
 
 def candidate_name(source: str, bias: bool, vote: bool) -> str:
