@@ -98,7 +98,13 @@ def random_forest_segment(
     volume = normalise(image, normalisation(image, 0))
     num_classes = max(2, int(max(labels[z].max() for z in slices)) + 1)
     forest = fit_forest_on_slices(
-        volume, labels, slices, num_classes=num_classes, settings=settings, n_jobs=n_jobs, seed=seed
+        volume,
+        labels,
+        slices,
+        num_classes=num_classes,
+        settings=settings,
+        n_jobs=n_jobs,
+        seed=seed,
     )
     out = np.empty(image.shape, np.uint8)
     for z in range(image.shape[0]):

@@ -172,13 +172,11 @@ def validation_lines(record: dict) -> list[str]:
         source, mean = name.split("+")[0], score["mean"]
         if mean is not None and (best.get(source) is None or mean > best[source]):
             best[source] = mean
-    sources = ", ".join(
-        f"{s} {'-' if m is None else f'{m:.3f}'}" for s, m in best.items()
-    )
+    sources = ", ".join(f"{s} {'-' if m is None else f'{m:.3f}'}" for s, m in best.items())
     per_class = ", ".join(f"class {c} {d:.3f}" for c, d in chosen["dice"]["dice"].items())
+    share = 100 * validation["held_out_fraction"]
     return [
-        f"validation: {100 * validation['held_out_fraction']:.1f}% of the human voxels "
-        f"held out; Dice {sources}",
+        f"validation: {share:.1f}% of the human voxels held out; Dice {sources}",
         f"wrote {chosen['candidate']}: {chosen['why']}" + (f"; {per_class}" if per_class else ""),
     ]
 

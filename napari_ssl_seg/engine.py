@@ -403,7 +403,8 @@ def choose_output(
         if source != "network":
             forest = fit_round_forest(data, held_out=False, n_jobs=threads, seed=config.seed)
         bias = background_bias if source != "forest" else 0.0
-        why = "nothing held out for validation" + (": the network" if config.output == AUTO else "")
+        why = "nothing held out for validation"
+        why += ": the network" if config.output == AUTO else ""
         return _output(source, bias, window, forest, None, why)
     held = list(data.held_out)
     yield {"phase": "validate", "iteration": 0, "total": len(held) + 1}

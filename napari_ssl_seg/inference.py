@@ -413,9 +413,7 @@ def _predicted_slabs(
         )
         block = smooth(block, smoothing, slice(lo - read_lo, hi - read_lo))
         own = np.arange(start - lo, stop - lo)
-        probs = source_probabilities(
-            source, method, forest, block, own, mode=mode, device=device
-        )
+        probs = source_probabilities(source, method, forest, block, own, mode=mode, device=device)
         probs = adjust_background(probs, background_bias)
         probs = probs.movedim(1, 0).cpu().numpy()  # (K, slices, H, W)
         yield start, stop, probs.argmax(0).astype(np.uint16), probs.max(0).astype(np.float32)

@@ -268,23 +268,38 @@ def validate_candidates(
         for v in votes
     ]
     counts = {name: np.zeros((k, 3), np.int64) for *_, name in names}
-    half = vote_window[0] // 2
+    half, margin = vote_window[0] // 2, vote_window[1] // 2
     context = 1 if mode == "2.5d" else 0
     for s, (labels, held) in sorted(data.held_out.items()):
+        # Only the held-out rows, and the vote's reach beyond them, are kept of each
+        # predicted slice: a 2048^2 slice's probabilities are 16 MB per class and source.
+        rows = np.flatnonzero(held.any(1))
+        keep = slice(max(0, rows[0] - margin), rows[-1] + 1 + margin)
         lo, hi = max(0, s - half), min(n, s + half + 1)
-        first = max(0, lo - context)
-        block = data.image[first : min(n, hi + context)]
-        own = np.arange(lo - first, hi - first)
-        network = source_probabilities("network", method, None, block, own, mode=mode, device=device)
-        trees = source_probabilities("forest", None, forest, block, own, mode=mode, device=device)
-        probs = {"network": network.cpu(), "forest": trees}
-        probs["ensemble"] = (probs["network"] + trees) / 2
-        truth = labels[held]
+        probs = {"network": [], "forest": []}
+        for j in range(lo, hi):
+            first = max(0, j - context)
+            block = data.image[first : min(n, j + 1 + context)]
+            own = np.array([j - first])
+            for source, model in (("network", method), ("forest", forest)):
+                p = source_probabilities(
+                    source,
+                    model if source == "network" else None,
+                    model if source == "forest" else None,
+                    block,
+                    own,
+                    mode=mode,
+                    device=device,
+                )
+                probs[source].append(p[:, :, keep].cpu())
+        probs = {source: torch.cat(parts) for source, parts in probs.items()}
+        probs["ensemble"] = (probs["network"] + probs["forest"]) / 2
+        band, truth = held[keep], labels[keep][held[keep]]
         for source, b, v, name in names:
             predicted = adjust_background(probs[source], b).argmax(1).numpy()
             if v:
                 predicted = vote_volume(predicted, vote_window, num_classes=k)
-            counts[name] += class_counts(predicted[s - lo][held], truth, k)
+            counts[name] += class_counts(predicted[s - lo][band], truth, k)
     return {name: dice_scores(c) for name, c in counts.items()}
 
 

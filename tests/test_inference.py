@@ -519,6 +519,15 @@ def test_forest_and_ensemble_are_written_slab_by_slab(tmp_path, tiny_config, mod
     np.testing.assert_allclose(confidence_e, mean.max(1), atol=1e-5)
     writer = project.begin_round()
     with pytest.raises(ValueError, match="source must be one of .*got 'forest' with forest=False"):
-        next(predict_into_round(project, method, writer, norm=norm, mode=mode, source="forest",
-                                device=torch.device("cpu")))
+        next(
+            predict_into_round(
+                project,
+                method,
+                writer,
+                norm=norm,
+                mode=mode,
+                source="forest",
+                device=torch.device("cpu"),
+            )
+        )
     writer.abort()

@@ -58,7 +58,7 @@ def test_bands_only_cover_human_voxels_and_skip_too_few():
     held = holdout_bands({0: (labels[0], mask)}, 0.25, 0)[0]
     assert not (held & ~mask).any() and held.sum() == 100
     tiny = np.zeros((64, 64), bool)
-    tiny[0, : MIN_HELD_OUT] = True  # a quarter of it would be too few to measure
+    tiny[0, :MIN_HELD_OUT] = True  # a quarter of it would be too few to measure
     assert holdout_bands({0: (labels[0], tiny)}, 0.25, 0) == {}
     assert holdout_bands({0: (labels[0], mask)}, 0.0, 0) == {}
     with pytest.raises(ValueError, match=r"fraction must be in \[0, 0.5\], got 0.7"):
@@ -162,3 +162,58 @@ def test_a_named_output_is_written(tiny_project, tiny_config):
     assert record["chosen"]["source"] == "network"
     assert record["chosen"]["why"].startswith("output 'network' asked for")
     assert set(record["validation"]["candidates"]) > {"network", "forest"}  # all scored
+
+
+@pytest.mark.parametrize("mode", ["2d", "2.5d"])
+def test_validation_scores_what_the_round_would_write(tmp_path, tiny_config, mode):
+    """Each candidate's held-out Dice equals that of the volume predicted with it."""
+    import torch
+    from conftest import disks_volume
+
+    from napari_ssl_seg.engine import build_method
+    from napari_ssl_seg.inference import predict_into_round
+    from napari_ssl_seg.store import Project
+    from napari_ssl_seg.validation import fit_round_forest, validate_candidates
+
+    image, labels = disks_volume(shape=(9, 32, 32), seed=3)
+    project = Project.create(tmp_path / "p.zarr", image)
+    project.annotate_slices(labels, [2, 5], source="test")
+    config = tiny_config(mode=mode)
+    data = load_training_set(project, config, holdout=0.25, rotation=1)
+    torch.manual_seed(0)
+    method = build_method(config, num_classes=2)
+    forest = fit_round_forest(data, held_out=False, n_jobs=1, seed=0)
+    window, bias = (3, 5, 5), 0.7
+    scores = validate_candidates(
+        method,
+        forest,
+        data,
+        mode=mode,
+        device=torch.device("cpu"),
+        background_bias=bias,
+        vote_window=window,
+    )
+    for name in ("network+bias+vote", "forest+vote", "ensemble+bias", "ensemble"):
+        source = name.split("+")[0]
+        writer = project.begin_round()
+        for _ in predict_into_round(
+            project,
+            method,
+            writer,
+            norm=data.norm,
+            mode=mode,
+            device=torch.device("cpu"),
+            background_bias=bias if "bias" in name else 0.0,
+            vote_window=window if "vote" in name else (1, 1, 1),
+            smoothing=data.smoothing,
+            source=source,
+            forest=forest,
+        ):
+            pass
+        written = np.asarray(writer.pseudo[...])
+        writer.abort()
+        counts = sum(
+            class_counts(written[i][held], truth[held], 2)
+            for i, (truth, held) in data.held_out.items()
+        )
+        assert scores[name] == dice_scores(counts), name
