@@ -431,6 +431,10 @@ def choose_output(
     total = sum(int(mask.sum()) for _, mask in human.values())
     out = sum(int(mask.sum()) for _, mask in data.held_out.values())
     validation = {
+        "measured_on": (
+            "human-labelled voxels held out of training (a band of rows of each annotated "
+            "slice); Dice per foreground class and its mean over the classes"
+        ),
         "held_out_fraction": round(out / max(1, total), 4),
         "held_out_voxels": out,
         "held_out_slices": sorted(int(i) for i in held),

@@ -16,6 +16,7 @@ a 2048^2 slice holds its features (20 float32 values a pixel, 335 MB) and no mor
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -267,7 +268,11 @@ def fit_forest(
     forest = RandomForestClassifier(
         n_estimators=settings.trees, max_depth=settings.depth, n_jobs=n_jobs, random_state=seed
     )
-    forest.fit(np.concatenate(x_parts), np.concatenate(y_parts))
+    with warnings.catch_warnings():
+        # Many classes with a few pixels each are still classes (label contract), not
+        # the regression target sklearn's heuristic suspects.
+        warnings.filterwarnings("ignore", message="The number of unique classes is greater")
+        forest.fit(np.concatenate(x_parts), np.concatenate(y_parts))
     return PixelForest(forest, settings, num_classes, n_jobs)
 
 

@@ -4,7 +4,9 @@ Slices are read from the project, normalised, predicted (whole, or by MONAI's sl
 window when larger than ``tile``) and written to the round's arrays before the next slab
 is read, so a volume larger than memory can be predicted. In 3D mode the network's
 output goes into the round's arrays block by block (:func:`_predict_3d_into`), and a
-second streamed pass votes on it and ranks the slices.
+second streamed pass votes on it and ranks the slices. A slice-wise round may write the
+pixel forest's probabilities, or their mean with the network's, instead of the network's
+(``source``; :mod:`napari_ssl_seg.validation` chooses).
 """
 
 from __future__ import annotations

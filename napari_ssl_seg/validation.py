@@ -26,9 +26,9 @@ if TYPE_CHECKING:  # the torch-side helpers import these when called
     from napari_ssl_seg.forest import ForestSettings, PixelForest
     from napari_ssl_seg.methods.base import SSLMethod
 
-#: Candidate sources, in the order that breaks ties of validation Dice: the ensemble
-#: first (it rarely loses much to either member), then the network, then the forest.
-SOURCES = ("ensemble", "network", "forest")
+#: Candidate sources (:data:`napari_ssl_seg.inference.SOURCES`) in the order that breaks
+#: ties of validation Dice: the ensemble, then the network, then the forest.
+TIE_ORDER = ("ensemble", "network", "forest")
 #: Fewer held-out voxels than this give no usable estimate: nothing is held out.
 MIN_HELD_OUT = 64
 
@@ -155,7 +155,7 @@ def candidate_name(source: str, bias: bool, vote: bool) -> str:
 def choose(scores: Mapping[str, Mapping]) -> tuple[str, str]:
     """The candidate with the best mean validation Dice, and why, in one line.
 
-    Ties go to the earlier source of :data:`SOURCES`, then to the candidate with fewer
+    Ties go to the earlier source of :data:`TIE_ORDER`, then to the candidate with fewer
     post-processing steps (a step is kept only where it raises validation Dice).
 
     Parameters
@@ -169,7 +169,7 @@ def choose(scores: Mapping[str, Mapping]) -> tuple[str, str]:
     def rank(name: str) -> tuple:
         mean = scores[name]["mean"]
         parts = name.split("+")
-        return (-(mean if mean is not None else -1.0), SOURCES.index(parts[0]), len(parts))
+        return (-(mean if mean is not None else -1.0), TIE_ORDER.index(parts[0]), len(parts))
 
     best = min(scores, key=rank)
     mean = scores[best]["mean"]
@@ -231,7 +231,7 @@ def validate_candidates(
 ) -> dict[str, dict]:
     """Dice of every candidate output on the held-out human voxels of ``data``.
 
-    For each held-out slice the sources (:data:`SOURCES`) predict it and, where the vote
+    For each held-out slice the sources (:data:`TIE_ORDER`) predict it and, where the vote
     reaches across slices, its neighbours (the vote then sees what it sees in the whole
     volume); each is scored with and without ``background_bias`` (when it is not 0) and
     the majority vote (when ``vote_window`` is larger than one voxel), exactly as
@@ -263,7 +263,7 @@ def validate_candidates(
     votes = [False, True] if any(w > 1 for w in vote_window) else [False]
     names = [
         (source, b, v, candidate_name(source, bool(b), v))
-        for source in SOURCES
+        for source in TIE_ORDER
         for b in biases
         for v in votes
     ]
@@ -305,7 +305,7 @@ def validate_candidates(
 
 __all__ = [
     "MIN_HELD_OUT",
-    "SOURCES",
+    "TIE_ORDER",
     "candidate_name",
     "choose",
     "class_counts",
