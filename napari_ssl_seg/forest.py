@@ -10,8 +10,8 @@ network against it (and against their ensemble) and ships whichever scores best.
 Label contract: on annotated voxels 0 is background and 1..K-1 are classes; voxels no
 human labelled are never read as background (only the masked pixels train the forest).
 
-Features are computed one slice at a time and classified in chunks of rows, so predicting
-a 2048^2 slice holds its features (20 float32 values a pixel, 335 MB) and no more.
+Features are computed one slice at a time (a large slice strip by strip) and classified
+in chunks, so predicting holds the features of at most ~2**20 pixels at once.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ SAMPLES_PER_SLICE = 20_000
 #: Pixels classified at once: sklearn holds one (n, K) float64 row per pixel and tree
 #: worker, so a whole 2048^2 slice at once would hold 4M rows per worker.
 PIXELS_PER_CHUNK = 2**18
+#: Pixels of a slice whose features are made at once (a strip of a larger slice, plus
+#: its halo): 2**20 float32 pixels x 20 features is 84 MB, twice that while skimage
+#: stacks them.
+FEATURE_STRIP_PIXELS = 2**20
 
 
 def slice_features(
@@ -179,12 +183,21 @@ class PixelForest:
             out[start : start + len(part), columns] = self.forest.predict_proba(part)
         return out.reshape(*features.shape[:-1], self.num_classes)
 
-    def predict_proba(self, planes: np.ndarray) -> np.ndarray:
+    def predict_proba(
+        self, planes: np.ndarray, *, strip_pixels: int = FEATURE_STRIP_PIXELS
+    ) -> np.ndarray:
         """Class probabilities of normalised slices, one slice's features at a time.
+
+        A slice of more than ``strip_pixels`` pixels is done in strips of rows, each
+        with the filters' reach of extra rows on both sides (:meth:`halo`), so its
+        probabilities are those of the whole slice while its features never are all in
+        memory at once (a 2048^2 slice's take 670 MB as skimage makes them).
 
         Parameters
         ----------
         planes : (S, H, W) float32 ndarray
+        strip_pixels : int
+            Largest number of pixels whose features are made at once (plus the halo).
 
         Returns
         -------
@@ -193,10 +206,22 @@ class PixelForest:
         planes = np.asarray(planes)
         if planes.ndim != 3:
             raise ValueError(f"planes must be (S, H, W), got shape {planes.shape}")
-        out = np.empty((len(planes), self.num_classes, *planes.shape[1:]), np.float32)
+        height, width = planes.shape[1:]
+        rows = height if height * width <= strip_pixels else max(1, strip_pixels // width)
+        halo = self.halo()
+        out = np.empty((len(planes), self.num_classes, height, width), np.float32)
         for j, plane in enumerate(planes):
-            out[j] = np.moveaxis(self.probabilities_of_features(self.features(plane)), -1, 0)
+            for start in range(0, height, rows):
+                stop = min(height, start + rows)
+                lo, hi = max(0, start - halo), min(height, stop + halo)
+                probs = self.probabilities_of_features(self.features(plane[lo:hi]))
+                out[j, :, start:stop] = np.moveaxis(probs[start - lo : stop - lo], -1, 0)
         return out
+
+    def halo(self) -> int:
+        """Rows beyond a strip that its features read: the largest Gaussian's radius
+        (scikit-image truncates at 4 sigmas) plus the Sobel and Hessian differences."""
+        return int(4.0 * self.settings.sigma_max + 0.5) + 4
 
 
 def fit_forest(

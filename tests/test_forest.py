@@ -72,3 +72,16 @@ def test_bad_inputs():
         fit_forest([image[2]], [labels[2] * 2], [np.ones((32, 32), bool)], num_classes=2)
     with pytest.raises(ValueError, match=r"one shape, got \(32, 32\), \(32, 31\)"):
         fit_forest([image[2]], [labels[2][:, 1:]], [np.ones((32, 31), bool)], num_classes=2)
+
+
+def test_a_large_slice_is_predicted_in_strips_as_a_whole():
+    # Fully grown trees on random labels: thresholds everywhere, so a feature that a
+    # strip got wrong (too little halo) changes some probability.
+    rng = np.random.default_rng(1)
+    planes = rng.random((3, 96, 40)).astype(np.float32)
+    noise = rng.integers(0, 2, planes.shape).astype(np.uint8)
+    deep = ForestSettings(trees=20, depth=None, sigma_max=4.0)
+    forest = fit_forest_on_slices(planes, noise, [0, 1], num_classes=2, settings=deep)
+    whole = forest.predict_proba(planes[2:])
+    strips = forest.predict_proba(planes[2:], strip_pixels=10 * 40)  # 10 rows at a time
+    np.testing.assert_allclose(strips, whole, atol=1e-6)
