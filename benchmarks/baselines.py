@@ -9,7 +9,7 @@ the global threshold a user would try first. Both normalise the image as the eng
     python benchmarks/baselines.py                # both on the clean sample, 3 slices
     python benchmarks/baselines.py --noisy --slices 1
 
-scikit-learn is needed (``pip install -e .[dev]``).
+scikit-learn comes with the package (the forest is :mod:`napari_ssl_seg.forest`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from napari_ssl_seg.data import normalisation, normalise
+from napari_ssl_seg.forest import ForestSettings, fit_forest_on_slices
 
 
 def _check_image(image) -> np.ndarray:
@@ -31,53 +32,6 @@ def _check_image(image) -> np.ndarray:
             f"got shape {image.shape} and dtype {image.dtype}"
         )
     return image
-
-
-def slice_features(
-    plane: np.ndarray, *, sigma_min: float = 1.0, sigma_max: float = 16.0, workers: int = 1
-) -> np.ndarray:
-    """Per-pixel features of one normalised slice (ilastik's generic filter bank).
-
-    Parameters
-    ----------
-    plane : (Y, X) float32 ndarray
-
-    Returns
-    -------
-    (Y, X, F) float32 ndarray
-        Gaussian-smoothed intensity, gradient magnitude and Hessian eigenvalues at
-        ``log2(sigma_max / sigma_min) + 1`` scales (F = 20 for sigmas 1..16).
-    """
-    from skimage.feature import multiscale_basic_features
-
-    return multiscale_basic_features(
-        plane,
-        intensity=True,
-        edges=True,
-        texture=True,
-        sigma_min=sigma_min,
-        sigma_max=sigma_max,
-        workers=workers,
-    ).astype(np.float32, copy=False)
-
-
-def stratified_sample(
-    labels: np.ndarray, n: int, rng: np.random.Generator, *, min_per_class: int = 100
-) -> np.ndarray:
-    """Indices of at most ``n`` pixels of ``labels`` (flat), each class in proportion.
-
-    A class keeps at least ``min(count, min_per_class)`` pixels, so a small class an
-    annotator painted on purpose is not lost.
-    """
-    labels = np.ravel(labels)
-    if labels.size <= n:
-        return np.arange(labels.size)
-    picks = []
-    classes, counts = np.unique(labels, return_counts=True)
-    for c, count in zip(classes, counts, strict=True):
-        take = min(count, max(int(round(n * count / labels.size)), min_per_class))
-        picks.append(rng.choice(np.flatnonzero(labels == c), size=take, replace=False))
-    return np.sort(np.concatenate(picks))
 
 
 def random_forest_segment(
@@ -120,8 +74,6 @@ def random_forest_segment(
     seconds : float
         Wall time of normalisation, features, fitting and prediction.
     """
-    from sklearn.ensemble import RandomForestClassifier
-
     image = _check_image(image)
     labels = np.asarray(labels)
     if labels.shape != image.shape or labels.dtype.kind not in "biu":
@@ -135,32 +87,28 @@ def random_forest_segment(
             f"annotated_slices must be 1 or more indices in 0..{image.shape[0] - 1}, "
             f"got {list(annotated_slices)}"
         )
-    if max_depth is not None and max_depth < 1:
-        raise ValueError(f"max_depth must be None or >= 1, got {max_depth!r}")
-    if n_estimators < 1 or samples_per_slice < 1:
-        raise ValueError(
-            f"n_estimators and samples_per_slice must be >= 1, got {n_estimators} "
-            f"and {samples_per_slice}"
-        )
-
-    started = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    volume = normalise(image, normalisation(image, 0))
-    features = dict(sigma_min=sigma_min, sigma_max=sigma_max, workers=n_jobs)
-    x_train, y_train = [], []
-    for z in slices:
-        f = slice_features(volume[z], **features)
-        pick = stratified_sample(labels[z], samples_per_slice, rng)
-        x_train.append(f.reshape(-1, f.shape[-1])[pick])
-        y_train.append(labels[z].ravel()[pick])
-    forest = RandomForestClassifier(
-        n_estimators=n_estimators, max_depth=max_depth, n_jobs=n_jobs, random_state=seed
+    settings = ForestSettings(  # checks the forest's arguments
+        trees=n_estimators,
+        depth=max_depth,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        samples_per_slice=samples_per_slice,
     )
-    forest.fit(np.concatenate(x_train), np.concatenate(y_train))
+    started = time.perf_counter()
+    volume = normalise(image, normalisation(image, 0))
+    num_classes = max(2, int(max(labels[z].max() for z in slices)) + 1)
+    forest = fit_forest_on_slices(
+        volume,
+        labels,
+        slices,
+        num_classes=num_classes,
+        settings=settings,
+        n_jobs=n_jobs,
+        seed=seed,
+    )
     out = np.empty(image.shape, np.uint8)
     for z in range(image.shape[0]):
-        f = slice_features(volume[z], **features)
-        out[z] = forest.predict(f.reshape(-1, f.shape[-1])).reshape(image.shape[1:])
+        out[z] = forest.predict_proba(volume[z : z + 1])[0].argmax(0)
     return out, time.perf_counter() - started
 
 

@@ -124,6 +124,13 @@ def run_default(case: Case, folder: Path, *, seed: int, quick: bool, env: dict) 
     # "round 1 (supervised, 180 iterations, 17.2 s)": the method auto ran.
     first = printed["train"].splitlines()[0]
     method = first.split("(", 1)[1].split(",", 1)[0] if "(" in first else "?"
+    # "  wrote ensemble+vote: best held-out Dice ...": what a validated round wrote.
+    wrote = [
+        line.split()[1].rstrip(":")
+        for line in printed["train"].splitlines()
+        if line.strip().startswith("wrote ")
+    ]
+    method += f" -> {wrote[0]}" if wrote else ""
     dice = unlabelled_dice(read_volume(out).data, case)
     return {"dice": dice, "seconds": seconds, "method": method, "train_line": first}
 

@@ -18,6 +18,8 @@ from napari_ssl_seg.errors import InvalidInputError
 
 MODES = ("2d", "2.5d", "3d")
 INITS = ("previous", "scratch")
+#: What a round may write (``TrainConfig.output``): "auto" chooses by validation Dice.
+OUTPUTS = ("auto", "network", "forest", "ensemble")
 #: The method name that lets each round pick one: see :func:`resolve_method`.
 AUTO = "auto"
 #: What "auto" trains from one annotated slice (2D): the unlabelled slices help most there.
@@ -27,7 +29,9 @@ AUTO = "auto"
 #: one pseudo-label round) 0.969 / 0.961 (62 s).
 AUTO_ONE_SLICE_METHOD = "mean-teacher"
 AUTO_SUMMARY = (
-    f"each round picks: {AUTO_ONE_SLICE_METHOD} when one slice is annotated, supervised otherwise"
+    f"each round trains {AUTO_ONE_SLICE_METHOD} when one slice is annotated, supervised "
+    "otherwise; with output auto (the default) it then writes the network, the pixel forest "
+    "or their mean, whichever scores best on held-out human labels"
 )
 #: Budget presets the widget offers (iterations of the default method); "quick", the
 #: widget's default, is TrainConfig's default round (the CLI's).
@@ -98,6 +102,16 @@ class TrainConfig:
         Sigma, in in-plane pixels, of a 3D Gaussian that smooths the normalised image
         before the network sees it (across slices the same physical extent where the
         voxel size is known, like ``vote``; 0 = off).
+    output : {"auto", "network", "forest", "ensemble"}
+        What the round writes: "auto" chooses, by Dice on the held-out human voxels,
+        among the network, the pixel forest (:mod:`napari_ssl_seg.forest`) and the mean
+        of their probabilities; a named source is written as is. Either way the
+        background bias and the vote are kept only where they raise that Dice
+        (:mod:`napari_ssl_seg.validation`). 3D mode writes the network.
+    validation_fraction : float
+        Share of the human-labelled voxels held out for validation (a band of rows of
+        each human slice, rotating with the round and seed), in [0, 0.5]; 0 = none, and
+        then the round writes the network (or the named ``output``) unvalidated.
     settings : dict
         The method's own settings (``napari-ssl-seg methods`` lists them and defaults).
     """
@@ -160,6 +174,13 @@ class TrainConfig:
     # denoised input it does not learn to make from 3 slices. 1.5 or in-plane 0.7 scored
     # lower (seeds 0/1); the forest on the same smoothing gains as much (README).
     smoothing: float = 1.0
+    # On the development suite the network alone lost to the forest on a thin class, a
+    # tiny target and a degraded image (benchmarks/dev_suite.py): a round that validates
+    # its candidates never ships something worse than the forest on held-out labels.
+    output: str = AUTO
+    # A quarter of each slice's labelled rows: enough voxels for a per-class estimate on
+    # the sample's nuclei, and the network still trains on three quarters.
+    validation_fraction: float = 0.25
     settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -185,6 +206,13 @@ class TrainConfig:
                 "smoothing",
                 "a number >= 0",
             ),
+            (self.output in OUTPUTS, "output", f"one of {OUTPUTS}"),
+            (
+                self.mode != "3d" or self.output in (AUTO, "network"),
+                "output",
+                "'auto' or 'network' in 3d mode (the forest is slice-wise)",
+            ),
+            (0.0 <= self.validation_fraction <= 0.5, "validation_fraction", "in [0, 0.5]"),
             (
                 self.method != AUTO or not self.settings,
                 "settings",

@@ -3,7 +3,8 @@
 Label contract: on annotated voxels 0 is background and 1..K-1 are classes. Voxels no
 human labelled get weight 0 (ignored) unless an earlier round's pseudo-label is confident
 enough, in which case they get ``pseudo_weight``. Human voxels always weigh 1 and carry
-the human label: no pseudo-label ever replaces them.
+the human label: no pseudo-label ever replaces them. Human voxels held out for
+validation weigh 0, carry target 0 and take no pseudo-label: no loss ever sees them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from napari_ssl_seg.config import TrainConfig
 from napari_ssl_seg.errors import InvalidInputError
 from napari_ssl_seg.methods.base import Batch
 from napari_ssl_seg.store import Project, iter_slabs
+from napari_ssl_seg.validation import holdout_bands
 
 
 def normalisation(image, axis: int = 0, *, max_samples: int = 2_000_000) -> tuple[float, float]:
@@ -194,6 +196,21 @@ class TrainingSet:
     cut_from_cache: frozenset[int] = frozenset()
     #: ``load(lo, hi, window)`` of the image and of (target, weight), windows only.
     loaders: tuple[Callable, Callable] | None = field(default=None, repr=False)
+    #: Human voxels held out for validation, per slice: ``(labels, held)``, (H, W)
+    #: integer labels and the bool mask of the held-out voxels. ``target`` and
+    #: ``weight`` never hold them (weight 0, target 0, never pseudo-labelled).
+    held_out: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    #: The human voxels trained on, per human slice: ``(labels, mask)`` (H, W).
+    human: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def human_voxels(self, *, held_out: bool) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """``(labels, mask)`` (H, W) per human slice: the voxels trained on, and with
+        ``held_out`` also those held out for validation (every human voxel)."""
+        out = dict(self.human)
+        if held_out:
+            for i, (labels, held) in self.held_out.items():
+                out[i] = (labels, out[i][1] | held)
+        return out
 
     def window(
         self, lo: int, hi: int, rows: slice, cols: slice, *, labels: bool = True
@@ -371,6 +388,8 @@ def load_training_set(
     *,
     pseudo_round: int | None = None,
     cache_bytes: int | None = None,
+    holdout: float = 0.0,
+    rotation: int = 0,
 ) -> TrainingSet:
     """Prepare what a round trains on from ``project``, reading slices on demand.
 
@@ -389,6 +408,12 @@ def load_training_set(
         Prepared slices kept for reuse, per kind (image; target and weight); default
         :data:`TRAINING_CACHE_BYTES`. A volume whose prepared labels (8 bytes a voxel)
         are larger is sampled window by window (:meth:`TrainingSet.window`).
+    holdout : float
+        Share of the human voxels held out for validation, in [0, 0.5]: a band of rows
+        of each human slice (:func:`napari_ssl_seg.validation.holdout_bands`), kept in
+        ``held_out`` and out of ``target``, ``weight`` and the pseudo-labels.
+    rotation : int
+        Which band is held out (the engine passes the round number plus the seed).
 
     Raises
     ------
@@ -408,6 +433,12 @@ def load_training_set(
     num_classes = max(
         2, max(int(labels[mask].max(initial=0)) for labels, mask in human.values()) + 1
     )
+    # Every human voxel, held out or not, is off limits to pseudo-labels.
+    known = {i: mask for i, (_, mask) in human.items()}
+    held = holdout_bands(human, holdout, rotation)
+    held_out = {i: (human[i][0], held[i]) for i in held if held[i].any()}
+    for i, (labels, mask) in held_out.items():
+        human[i] = (np.where(mask, 0, labels).astype(labels.dtype), known[i] & ~mask)
 
     norm = normalisation(project.image, axis)
     smoothing = smoothing_sigmas(config.smoothing, project)
@@ -442,8 +473,8 @@ def load_training_set(
             cut = _cut(window)
             free = np.ones((hi - lo, *_window_shape(plane, window)), bool)
             for i in range(lo, hi):
-                if i in human:
-                    free[i - lo] = ~human[i][1][cut]
+                if i in known:
+                    free[i - lo] = ~known[i][cut]
             return free
 
         def blocks():
@@ -490,6 +521,8 @@ def load_training_set(
         windowed=n * voxels * 8 > cache_bytes,
         cut_from_cache=frozenset(human if len(human) * voxels * 8 <= cache_bytes else ()),
         loaders=(load_image, load_labels),
+        held_out=held_out,
+        human=human,
     )
 
 

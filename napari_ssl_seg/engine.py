@@ -6,8 +6,12 @@ relays it from a child process. Reading it top to bottom gives the whole round:
 1. read the human labels (and the previous round's confident pseudo-labels);
 2. build the method, optionally from the previous round's weights;
 3. label-free pretraining if the method wants it and the project has none cached;
-4. ``iterations`` optimiser steps on two-stream batches;
-5. predict the whole volume into a new round, rank slices, commit the round.
+4. ``iterations`` optimiser steps on two-stream batches (never on the human voxels held
+   out for validation);
+5. fit the pixel forest on the same voxels, score the network, the forest and their
+   ensemble (with and without the background bias and the vote) on the held-out voxels,
+   choose the best (:func:`choose_output`), refit the forest on every human voxel;
+6. predict the whole volume with the choice into a new round, rank slices, commit it.
 
 Stopping (``should_stop`` returns True) ends training at the next iteration, keeps the
 weights and still writes the round, so the work done is never lost.
@@ -31,6 +35,7 @@ import torch
 from napari_ssl_seg import __version__
 from napari_ssl_seg.config import AUTO, TrainConfig, check_training_memory, resolve_method
 from napari_ssl_seg.data import (
+    TrainingSet,
     TwoStreamSampler,
     in_channels,
     load_training_set,
@@ -45,6 +50,12 @@ from napari_ssl_seg.inference import (
 )
 from napari_ssl_seg.methods import NetworkConfig, SSLMethod, get_method
 from napari_ssl_seg.store import Project
+from napari_ssl_seg.validation import (
+    candidate_name,
+    choose,
+    fit_round_forest,
+    validate_candidates,
+)
 
 Progress = dict[str, Any]
 
@@ -174,7 +185,8 @@ def train_round(
     Yields
     ------
     dict
-        ``phase`` ("load", "pretrain", "train", "predict", in 3D mode "write", "done"),
+        ``phase`` ("load", "pretrain", "train", "validate", "predict", in 3D mode
+        "write", "done"),
         ``iteration``, ``total``, ``elapsed`` and ``remaining`` seconds, ``losses`` while
         training, once ``choice`` (what method "auto" picked and why), and ``note`` for
         something the user should know (a damaged pretraining cache being replaced).
@@ -199,7 +211,14 @@ def train_round(
     yield {"phase": "load", "iteration": 0, "total": config.iterations, "elapsed": 0.0}
 
     with project.reading():  # a damaged chunk: one line naming the array
-        data = load_training_set(project, config)
+        data = load_training_set(
+            project,
+            config,
+            holdout=0.0 if config.mode == "3d" else config.validation_fraction,
+            # The band rotates with the round (and the seed), so over rounds every human
+            # voxel both trains and validates.
+            rotation=config.seed + previous + 1,
+        )
     config, choice = resolve_method(config, len(data.human_slices))
     if choice:
         yield {
@@ -259,14 +278,21 @@ def train_round(
     trained_seconds = time.time() - train_started
 
     bias = calibrate_after_training(method, sampler, device)
-    data.drop_cache()  # the prediction's slabs take its place
     window = vote_window(config.vote, project)
-    # What prediction did besides the network, kept so the round can be re-made exactly.
+    guard = yield from _with_elapsed(
+        choose_output(method, data, config, device=device, background_bias=bias, window=window),
+        started,
+    )
+    data.drop_cache()  # the prediction's slabs take its place
+    # What prediction did besides the network, kept so the round can be re-made exactly
+    # (the forest is refitted from the human labels of ``revision`` with ``seed``).
     prediction = {
         "norm": list(data.norm),
-        "background_bias": bias,
+        "source": guard["source"],
+        "background_bias": guard["background_bias"],
+        "calibrated_background_bias": bias,
         "smoothing_sigmas": list(data.smoothing),
-        "vote_window": list(window),
+        "vote_window": list(guard["vote_window"]),
     }
     writer = project.begin_round()
     try:
@@ -278,9 +304,11 @@ def train_round(
                 norm=data.norm,
                 mode=config.mode,
                 device=device,
-                background_bias=bias,
-                vote_window=window,
+                background_bias=guard["background_bias"],
+                vote_window=tuple(guard["vote_window"]),
                 smoothing=data.smoothing,
+                source=guard["source"],
+                forest=guard["forest"],
             ),
             started,
         )
@@ -311,6 +339,8 @@ def train_round(
         "num_classes": data.num_classes,
         "human_slices": data.human_slices,
         "metrics": {"final_losses": losses},
+        "validation": guard["validation"],
+        "chosen": guard["chosen"],
         "uncertain_slices": rank_slices(scores),
         "device": str(device),
         # What the round's seconds ran with (the widget's child sets OpenMP's policy).
@@ -334,6 +364,113 @@ def train_round(
         "round": writer.round,
     }
     return record
+
+
+def choose_output(
+    method: SSLMethod,
+    data: TrainingSet,
+    config: TrainConfig,
+    *,
+    device: torch.device,
+    background_bias: float,
+    window: tuple[int, int, int],
+) -> Generator[Progress, None, dict[str, Any]]:
+    """What the round writes, chosen on the held-out human voxels; yields progress.
+
+    In 2D/2.5D the pixel forest is fitted on the voxels the network trained on, every
+    candidate (:func:`napari_ssl_seg.validation.validate_candidates`; only the sources
+    ``config.output`` allows) is scored on the held-out voxels and the best is chosen;
+    the forest is then refitted on every human voxel when the choice uses it. Without
+    held-out voxels (``validation_fraction`` 0, or too few human voxels) the round writes
+    the network (or the named output) with the background bias and the configured vote.
+    3D mode writes the network.
+
+    Returns
+    -------
+    dict
+        ``source``, ``background_bias`` and ``vote_window`` to predict with, ``forest``
+        (a :class:`~napari_ssl_seg.forest.PixelForest` or None), ``validation`` (for the
+        round record: held-out share and voxels, per-candidate Dice; None without) and
+        ``chosen`` (candidate, source, whether bias and vote are applied, and why).
+    """
+    voted = any(w > 1 for w in window)
+    if config.mode == "3d":
+        return _output("network", background_bias, window, None, None, "3d mode: the network")
+    source = "network" if config.output == AUTO else config.output
+    threads = torch.get_num_threads()
+    if not data.held_out:
+        forest = None
+        if source != "network":
+            forest = fit_round_forest(data, held_out=False, n_jobs=threads, seed=config.seed)
+        bias = background_bias if source != "forest" else 0.0
+        why = "nothing held out for validation"
+        why += ": the network" if config.output == AUTO else ""
+        return _output(source, bias, window, forest, None, why)
+    held = list(data.held_out)
+    yield {"phase": "validate", "iteration": 0, "total": len(held) + 1}
+    forest = fit_round_forest(data, held_out=False, n_jobs=threads, seed=config.seed)
+    yield {"phase": "validate", "iteration": 1, "total": len(held) + 1}
+    scores = validate_candidates(
+        method,
+        forest,
+        data,
+        mode=config.mode,
+        device=device,
+        background_bias=background_bias,
+        vote_window=window,
+    )
+    allowed = {n: s for n, s in scores.items() if config.output in (AUTO, n.split("+")[0])}
+    name, why = choose(allowed)
+    if config.output != AUTO:
+        why = f"output {config.output!r} asked for; {why}"
+    yield {"phase": "validate", "iteration": len(held) + 1, "total": len(held) + 1}
+    source, steps = name.split("+")[0], name.split("+")[1:]
+    if source != "network":  # the volume's forest learns from every human voxel
+        forest = fit_round_forest(data, held_out=True, n_jobs=threads, seed=config.seed)
+    human = data.human_voxels(held_out=True)
+    total = sum(int(mask.sum()) for _, mask in human.values())
+    out = sum(int(mask.sum()) for _, mask in data.held_out.values())
+    validation = {
+        "measured_on": (
+            "human-labelled voxels held out of training (a band of rows of each annotated "
+            "slice); Dice per foreground class and its mean over the classes"
+        ),
+        "held_out_fraction": round(out / max(1, total), 4),
+        "held_out_voxels": out,
+        "held_out_slices": sorted(int(i) for i in held),
+        "candidates": scores,
+    }
+    return _output(
+        source,
+        background_bias if "bias" in steps else 0.0,
+        window if "vote" in steps or not voted else (1, 1, 1),
+        forest if source != "network" else None,
+        validation,
+        why,
+        name=name,
+    )
+
+
+def _output(source, bias, window, forest, validation, why, *, name=None) -> dict[str, Any]:
+    voted = any(w > 1 for w in window)
+    name = name or candidate_name(source, bool(bias), voted)
+    chosen = {
+        "candidate": name,
+        "source": source,
+        "background_bias": bool(bias),
+        "vote": voted,
+        "why": why,
+    }
+    if validation is not None:
+        chosen["dice"] = validation["candidates"][name]
+    return {
+        "source": source,
+        "background_bias": float(bias),
+        "vote_window": tuple(window),
+        "forest": forest,
+        "validation": validation,
+        "chosen": chosen,
+    }
 
 
 def _pretrain(

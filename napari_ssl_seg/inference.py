@@ -4,7 +4,9 @@ Slices are read from the project, normalised, predicted (whole, or by MONAI's sl
 window when larger than ``tile``) and written to the round's arrays before the next slab
 is read, so a volume larger than memory can be predicted. In 3D mode the network's
 output goes into the round's arrays block by block (:func:`_predict_3d_into`), and a
-second streamed pass votes on it and ranks the slices.
+second streamed pass votes on it and ranks the slices. A slice-wise round may write the
+pixel forest's probabilities, or their mean with the network's, instead of the network's
+(``source``; :mod:`napari_ssl_seg.validation` chooses).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from napari_ssl_seg.data import (
     smooth,
     smoothing_halo,
 )
+from napari_ssl_seg.forest import PixelForest
 from napari_ssl_seg.methods.base import SSLMethod
 from napari_ssl_seg.store import Project, RoundWriter
 
@@ -305,8 +308,16 @@ def predict_into_round(
     vote_window: tuple[int, int, int] = (1, 1, 1),
     smoothing: tuple[float, float] = (0.0, 0.0),
     voxels_per_batch: int = VOXELS_PER_BATCH,
+    source: str = "network",
+    forest: PixelForest | None = None,
 ) -> Iterator[dict]:
     """Predict every slice of the project into ``writer``; yields progress dicts.
+
+    ``source`` is what is written: "network" (``method``'s probabilities), "forest"
+    (``forest``'s, on the same normalised and smoothed slices) or "ensemble" (the mean
+    of the two); the background bias, the argmax, the vote, the confidence (the written
+    class's probability) and the slice ranking then apply to it. 3D mode writes the
+    network only.
 
     ``smoothing`` holds the Gaussian sigmas (across slices, in-plane) the training image
     was smoothed with (:func:`napari_ssl_seg.data.smoothing_sigmas`); the input is
@@ -323,6 +334,11 @@ def predict_into_round(
     1 - confidence over the slice's voxels that no human labelled (NaN for slices that
     humans fully labelled).
     """
+    if source not in SOURCES or (source != "network" and (forest is None or mode == "3d")):
+        raise ValueError(
+            f"source must be one of {SOURCES} (forest and ensemble need a forest and a "
+            f"slice-wise mode), got {source!r} with forest={forest is not None}, mode={mode!r}"
+        )
     axis, n = project.axis, project.n_slices
     scores = np.full(n, np.nan, np.float64)
     voting = any(w > 1 for w in vote_window)
@@ -344,6 +360,8 @@ def predict_into_round(
             background_bias=background_bias,
             smoothing=smoothing,
             voxels_per_batch=voxels_per_batch,
+            source=source,
+            forest=forest,
         )
         phase, rewrite = "predict", True
     if voting:
@@ -374,11 +392,14 @@ def _predicted_slabs(
     background_bias: float,
     smoothing: tuple[float, float],
     voxels_per_batch: int,
+    source: str = "network",
+    forest: PixelForest | None = None,
 ) -> Iterator[Slab]:
     """2D/2.5D ``(start, stop, labels, confidence)`` per slab of slices, in order.
 
-    ``labels`` is (stop - start, H, W) uint16 (the argmax), ``confidence`` the same shape
-    float32 (the max class probability); slice axis first.
+    ``labels`` is (stop - start, H, W) uint16 (the argmax of ``source``'s probabilities,
+    see :func:`predict_into_round`), ``confidence`` the same shape float32 (the max class
+    probability); slice axis first. The forest's features are made one slice at a time.
     """
     axis, n = project.axis, project.n_slices
     per_batch = slices_per_batch(int(np.prod(project.shape)) // n, voxels_per_batch)
@@ -393,10 +414,52 @@ def _predicted_slabs(
             normalise(project.image[slab_index(axis, read_lo, read_hi)], norm), axis, 0
         )
         block = smooth(block, smoothing, slice(lo - read_lo, hi - read_lo))
-        x = torch.from_numpy(slice_stack(block, np.arange(start - lo, stop - lo), mode))
-        probs = adjust_background(predict_probabilities(method, x.to(device)), background_bias)
+        own = np.arange(start - lo, stop - lo)
+        probs = source_probabilities(source, method, forest, block, own, mode=mode, device=device)
+        probs = adjust_background(probs, background_bias)
         probs = probs.movedim(1, 0).cpu().numpy()  # (K, slices, H, W)
         yield start, stop, probs.argmax(0).astype(np.uint16), probs.max(0).astype(np.float32)
+
+
+#: What a slice-wise round may write (see :func:`predict_into_round`).
+SOURCES = ("network", "forest", "ensemble")
+
+
+def source_probabilities(
+    source: str,
+    method: SSLMethod | None,
+    forest: PixelForest | None,
+    block: np.ndarray,
+    slices: np.ndarray,
+    *,
+    mode: str,
+    device: torch.device,
+) -> torch.Tensor:
+    """Class probabilities of ``source`` for some slices of a prepared block.
+
+    Parameters
+    ----------
+    source : {"network", "forest", "ensemble"}
+        The network's softmax, the forest's probabilities, or their mean.
+    block : (S, H, W) float32 ndarray or SliceArray
+        Normalised (and smoothed) slices, slice axis first, with the 2.5D neighbours of
+        ``slices`` where there are any.
+    slices : (B,) int ndarray
+        Slices of ``block`` to predict.
+
+    Returns
+    -------
+    (B, K, H, W) float32 tensor, on the CPU for "forest" and "ensemble".
+    """
+    probs = None
+    if source in ("network", "ensemble"):
+        x = torch.from_numpy(slice_stack(block, slices, mode))
+        probs = predict_probabilities(method, x.to(device))
+    if source in ("forest", "ensemble"):
+        planes = np.stack([np.asarray(block[int(j)], np.float32) for j in slices])
+        trees = torch.from_numpy(forest.predict_proba(planes))
+        probs = trees if probs is None else (probs.cpu() + trees) / 2
+    return probs
 
 
 def _blocks_3d(

@@ -71,6 +71,11 @@ def test_full_loop(files, capsys):
     assert main(["train", str(proj), *TINY]) == 0
     out = capsys.readouterr().out
     assert "round 1 (supervised, 2 iterations" in out and "pseudo_r001" in out  # auto, 3 slices
+    # the validation estimate and what the round wrote, from the round record
+    record = Project.open(proj).round_record(1)
+    share = 100 * record["validation"]["held_out_fraction"]
+    assert f"  validation: {share:.1f}% of the human voxels held out; Dice network " in out
+    assert f"  wrote {record['chosen']['candidate']}: best held-out Dice " in out
     assert main(["correct", str(proj), "--labels", str(f["truth"]), "--slices", "5,6"]) == 0
     assert Project.open(proj).corrected_slices() == [5, 6]
     assert main(["train", str(proj), *TINY]) == 0
@@ -166,6 +171,12 @@ def test_methods_lists_all(capsys):
         (["train", "{proj}", "--set", "iterations"], "KEY=VALUE"),
         (["train", "{proj}", "--set", "smoothing=-1"], "smoothing must be a number >= 0"),
         (["train", "{proj}", "--set", "smoothing=nan"], "smoothing must be a number >= 0"),
+        (["train", "{proj}", "--set", "output=trees"], "output must be one of"),
+        (
+            ["train", "{proj}", "--set", "validation_fraction=0.7"],
+            "validation_fraction must be in [0, 0.5], got 0.7",
+        ),
+        (["train", "{proj}", "--mode", "3d", "--set", "output=forest"], "in 3d mode"),
         (["train", "{proj}", "--method", "dtc", "--setting", "bogus=1"], "unknown setting"),
         (["correct", "{proj}", "--labels", "{labels}", "--slices", "2"], "no round to correct"),
         (["export", "{proj}", "--out", "{tmp}/x.png"], "png"),

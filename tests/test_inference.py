@@ -469,3 +469,65 @@ def test_3d_second_pass_votes_on_the_unvoted_output(tmp_path, monkeypatch, axis)
     expected = vote_volume(raw, window, num_classes=2)
     assert not np.array_equal(expected, raw)  # the vote changed something
     np.testing.assert_array_equal(voted, expected)
+
+
+@pytest.mark.parametrize("mode", ["2d", "2.5d"])
+def test_forest_and_ensemble_are_written_slab_by_slab(tmp_path, tiny_config, mode):
+    from conftest import disks_volume
+
+    from napari_ssl_seg.data import normalise, slice_stack, smooth
+    from napari_ssl_seg.forest import ForestSettings, fit_forest_on_slices
+    from napari_ssl_seg.inference import predict_into_round
+    from napari_ssl_seg.store import Project
+
+    image, labels = disks_volume(shape=(9, 32, 32))
+    project = Project.create(tmp_path / "p.zarr", image)
+    method = _method(tiny_config, mode=mode)
+    norm, sigmas = (float(image.min()), float(image.max())), (1.0, 1.0)
+    volume = smooth(normalise(image, norm), sigmas)  # what the network and the forest see
+    forest = fit_forest_on_slices(
+        volume, labels, [3, 6], num_classes=2, settings=ForestSettings(trees=3, depth=4)
+    )
+
+    def written(source):
+        writer = project.begin_round()
+        for _ in predict_into_round(
+            project,
+            method,
+            writer,
+            norm=norm,
+            mode=mode,
+            device=torch.device("cpu"),
+            smoothing=sigmas,
+            voxels_per_batch=2 * 32 * 32,  # slabs of 2 slices
+            source=source,
+            forest=forest,
+        ):
+            pass
+        out = np.asarray(writer.pseudo[...]), np.asarray(writer.confidence[...])
+        writer.abort()
+        return out
+
+    trees = forest.predict_proba(volume)  # (S, K, H, W), the whole volume at once
+    labels_f, confidence_f = written("forest")
+    np.testing.assert_array_equal(labels_f, trees.argmax(1))
+    np.testing.assert_allclose(confidence_f, trees.max(1), atol=1e-6)
+    x = torch.from_numpy(slice_stack(volume, np.arange(9), mode))
+    mean = (predict_probabilities(method, x).numpy() + trees) / 2
+    labels_e, confidence_e = written("ensemble")
+    np.testing.assert_array_equal(labels_e, mean.argmax(1))
+    np.testing.assert_allclose(confidence_e, mean.max(1), atol=1e-5)
+    writer = project.begin_round()
+    with pytest.raises(ValueError, match="source must be one of .*got 'forest' with forest=False"):
+        next(
+            predict_into_round(
+                project,
+                method,
+                writer,
+                norm=norm,
+                mode=mode,
+                source="forest",
+                device=torch.device("cpu"),
+            )
+        )
+    writer.abort()
