@@ -70,6 +70,7 @@ PHASES = {
     "load": "loading",
     "pretrain": "pretraining",
     "train": "training",
+    "validate": "validating",
     "predict": "predicting",
     "write": "writing",  # 3D mode: voting on the written output, ranking the slices
     "done": "saving",
@@ -725,6 +726,7 @@ class SslSegWidget(WidgetLayout, QWidget):
             else ""
         )
         self.progress_bar.setFormat(f"round {record['round']} done")
+        self._show_estimate(record)
         self._message(
             f"Round {record['round']} done ({record['method']}, {record['seconds']:.0f} s"
             f"{early}): correct its pseudo-labels, then Retrain.",
@@ -835,7 +837,17 @@ class SslSegWidget(WidgetLayout, QWidget):
         self.project_label.setText(
             f"{project.path.name}: {' × '.join(map(str, project.shape))}, {r} round(s)"
         )
+        self._show_estimate(project.round_record(r))
         self._set_busy(self.job is not None)
+
+    def _show_estimate(self, record: dict) -> None:
+        """The round's quality estimate on held-out human labels, in the Review tab."""
+        from napari_ssl_seg.validation import validation_lines
+
+        lines = validation_lines(record)
+        self.estimate_label.setText(
+            "\n".join(lines) if lines else f"Round {record['round']}: no validation estimate."
+        )
 
     def _round_layer(self, kind, prefix: str, current):
         """Our round layer of ``kind``, or one that our reader opened for this project."""

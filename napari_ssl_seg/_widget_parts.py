@@ -223,7 +223,7 @@ class WidgetLayout:
         group = QGroupBox("Least confident slices")
         lay = QVBoxLayout(group)
         self.uncertain_list = QListWidget()
-        self.uncertain_list.setMaximumHeight(90)
+        self.uncertain_list.setMaximumHeight(220)
         self.uncertain_list.itemActivated.connect(self._jump_to_item)
         self.uncertain_list.itemClicked.connect(self._jump_to_item)
         row = QHBoxLayout()
@@ -234,6 +234,13 @@ class WidgetLayout:
         )
         row.addWidget(self.next_button, 1)
         row.addWidget(self.accept_button, 1)
+        # What the round's check on held-out human labels measured, and what it wrote.
+        self.estimate_label = wrapping_label("")
+        self.estimate_label.setToolTip(
+            "Each round holds out a band of every annotated slice, scores the network, "
+            "the pixel forest and their mean there, and writes the best."
+        )
+        lay.addWidget(self.estimate_label)
         lay.addWidget(self.uncertain_list)
         lay.addLayout(row)
         return group

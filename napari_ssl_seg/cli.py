@@ -150,35 +150,11 @@ def cmd_train(args) -> int:
     print(f"  checkpoint:    {project.checkpoint_path(r)}")
     worst = ", ".join(str(s["slice"]) for s in record["uncertain_slices"][:5])
     print(f"  least confident slices: {worst}")
+    from napari_ssl_seg.validation import validation_lines
+
     for line in validation_lines(record):
         print(f"  {line}")
     return 0
-
-
-def validation_lines(record: dict) -> list[str]:
-    """The round's validation estimate and what it wrote, in two lines.
-
-    ``validation: 24.9% of the human voxels held out; Dice network 0.912, forest 0.930,
-    ensemble 0.941`` (each source's best variant) and ``wrote ensemble+vote: best
-    held-out Dice 0.941 (best forest 0.930); class 1 0.95, class 2 0.93``.
-    """
-    chosen, validation = record.get("chosen"), record.get("validation")
-    if not chosen:  # rounds made before rounds were validated
-        return []
-    if not validation:
-        return [f"wrote {chosen['candidate']} unvalidated ({chosen['why']})"]
-    best: dict[str, float | None] = dict.fromkeys(("network", "forest", "ensemble"))
-    for name, score in validation["candidates"].items():
-        source, mean = name.split("+")[0], score["mean"]
-        if mean is not None and (best.get(source) is None or mean > best[source]):
-            best[source] = mean
-    sources = ", ".join(f"{s} {'-' if m is None else f'{m:.3f}'}" for s, m in best.items())
-    per_class = ", ".join(f"class {c} {d:.3f}" for c, d in chosen["dice"]["dice"].items())
-    share = 100 * validation["held_out_fraction"]
-    return [
-        f"validation: {share:.1f}% of the human voxels held out; Dice {sources}",
-        f"wrote {chosen['candidate']}: {chosen['why']}" + (f"; {per_class}" if per_class else ""),
-    ]
 
 
 def cmd_correct(args) -> int:

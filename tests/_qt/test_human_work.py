@@ -362,6 +362,9 @@ def test_the_widget_fits_napari_s_window_and_shows_the_next_step(
         "Export",
     ]
     assert widget.tabs.tabText(widget.tabs.currentIndex()) == "Review"  # a round to review
+    # The round's estimate on held-out human labels, and what it wrote.
+    assert "of the human voxels held out; Dice network" in widget.estimate_label.text()
+    assert "wrote " in widget.estimate_label.text()
     # The status line and the progress stay in view at napari's window size.
     window = viewer.window._qt_window
     assert widget.minimumSizeHint().height() < window.height()
