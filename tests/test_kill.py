@@ -409,11 +409,17 @@ def test_kill_during_training(tmp_path, fork_server, tiny_config):
     human = project.human_labels()
     path, n_edits = project.path, len(project.edits())
     config = tiny_config()
+    # How long a round takes here sets the kills' window (a slow or busy machine, or a
+    # heavier round, would otherwise see no round acknowledged): one round uncut first.
+    from napari_ssl_seg.engine import run_round
+
+    started = time.monotonic()
+    acked: list[int] = [run_round(project, config)["round"]]
+    window = max(MAX_DELAY["training"], 2.5 * (time.monotonic() - started))
     rng = random.Random(f"{SEED}-training")
-    acked: list[int] = []
     slice_1 = (slice(1, 2), slice(0, image.shape[1]), slice(0, image.shape[2]))
     for i in range(KILLS):
-        delay = rng.uniform(0, MAX_DELAY["training"])
+        delay = rng.uniform(0, window)
         acks = _kill_at_random(fork_server, "training", path, 0, delay, config)
         acked += [r for _, r in acks]
         with _named("training", i, delay, acks):
@@ -432,7 +438,7 @@ def test_kill_during_training(tmp_path, fork_server, tiny_config):
             edit = project.apply_edit("annotation", slice_1, labels[slice_1], whole_slices=True)
             assert edit.id == n_edits + 1
             n_edits += 1
-    assert len(acked) >= MIN_ACKS, f"{len(acked)} rounds acknowledged by {KILLS} children"
+    assert len(acked) - 1 >= MIN_ACKS, f"{len(acked) - 1} rounds acknowledged by {KILLS} children"
 
 
 def test_plans_differ_step_to_step():
