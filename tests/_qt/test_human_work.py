@@ -10,6 +10,7 @@ import pytest
 import tifffile
 
 from napari_ssl_seg import io
+from napari_ssl_seg._sample_data import load_nuclei
 from napari_ssl_seg._widget import SslSegWidget
 from napari_ssl_seg.config import TrainConfig
 from napari_ssl_seg.engine import run_round
@@ -28,6 +29,12 @@ TINY = dict(
 )
 ROUND_TIMEOUT_MS = 120_000
 SAVE_TIMEOUT_MS = 10_000
+
+
+@pytest.fixture(scope="module")
+def crop():
+    image, truth, _ = load_nuclei()
+    return image[24:36, :64, :64].copy(), truth[24:36, :64, :64].copy()
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 import tifffile
 
 from napari_ssl_seg import io
+from napari_ssl_seg._sample_data import load_nuclei
 from napari_ssl_seg._widget import SslSegWidget
 from napari_ssl_seg.config import TrainConfig
 from napari_ssl_seg.store import Project
@@ -27,6 +28,12 @@ TINY = dict(
 )
 ROUND_TIMEOUT_MS = 120_000
 ANNOTATED = (2, 8)
+
+
+@pytest.fixture(scope="module")
+def crop():
+    image, truth, _ = load_nuclei()
+    return image[24:36, :64, :64].copy(), truth[24:36, :64, :64].copy()
 
 
 @pytest.fixture
